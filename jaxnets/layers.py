@@ -1,0 +1,275 @@
+"""Torch-semantics building blocks shared by every model family.
+
+Flax's defaults differ from PyTorch's in small ways that change numbers: ``'SAME'``
+padding is asymmetric at stride 2, max pooling has no ``ceil_mode``, there is no
+adaptive average pooling, and default initializers differ. Every layer here does
+exactly what its ``torch.nn`` namesake does, on NHWC tensors, so that torchvision
+weights give torchvision's outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax import lax
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+# --- initializers -------------------------------------------------------------------
+
+# torch.nn.init.kaiming_normal_(mode="fan_out", nonlinearity="relu"): N(0, 2 / fan_out).
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch's default Conv/Linear weight init, kaiming_uniform_(a=sqrt(5)): U(±1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+    """torch's default Conv/Linear bias init, U(±1/sqrt(fan_in)); needs the layer's fan-in."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def truncated_normal(std: float, lower: float = -2.0, upper: float = 2.0) -> Initializer:
+    """torch.nn.init.trunc_normal_(std=std, a=lower, b=upper): bounds are absolute, not in stds."""
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.truncated_normal(key, lower / std, upper / std, shape, dtype)
+    return init
+
+
+# --- layers ---------------------------------------------------------------------------
+
+
+class Conv2d(nn.Module):
+    """``torch.nn.Conv2d`` on NHWC input with symmetric explicit padding.
+
+    Parameters: ``kernel`` (kh, kw, in/groups, out) and optionally ``bias`` (out,).
+    ``bias_init=None`` means torch's default, which depends on the fan-in.
+    """
+
+    features: int
+    kernel_size: int | tuple[int, int]
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Initializer = torch_default_kernel_init
+    bias_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kh, kw = _pair(self.kernel_size)
+        in_features = x.shape[-1]
+        if in_features % self.groups:
+            raise ValueError(f"{self.name}: {in_features} input channels not divisible by groups={self.groups}")
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, in_features // self.groups, self.features))
+        pad = _pair(self.padding)
+        y = lax.conv_general_dilated(
+            x.astype(self.dtype), kernel.astype(self.dtype),
+            window_strides=_pair(self.stride),
+            padding=[(pad[0], pad[0]), (pad[1], pad[1])],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups,
+        )
+        if self.use_bias:
+            fan_in = kh * kw * in_features // self.groups
+            bias_init = self.bias_init or torch_default_bias_init(fan_in)
+            y = y + self.param("bias", bias_init, (self.features,)).astype(self.dtype)
+        return y
+
+
+class Linear(nn.Module):
+    """``torch.nn.Linear``: ``kernel`` is (in, out), the transpose of torch's ``weight``."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    kernel_init: Initializer = torch_default_kernel_init
+    bias_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features))
+        bias = self.param("bias", self.bias_init or torch_default_bias_init(in_features), (self.features,))
+        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+def batch_norm(train: bool, frozen: Sequence[str] = (), eps: float = 1e-5, torch_momentum: float = 0.1,
+               dtype: Dtype = jnp.float32, scale_init: Initializer = nn.initializers.ones) -> Callable[..., nn.Module]:
+    """``torch.nn.BatchNorm2d(eps=eps, momentum=torch_momentum)`` as a module factory.
+
+    Flax's ``momentum`` is the weight of the old running average; torch's is the weight of
+    the new batch statistic, hence ``1 - torch_momentum``.
+    """
+    return partial(TorchBatchNorm, train=train, frozen=tuple(frozen), epsilon=eps,
+                   momentum=1.0 - torch_momentum, dtype=dtype, scale_init=scale_init)
+
+
+class TorchBatchNorm(nn.Module):
+    """BatchNorm with torch's statistics: normalize by the biased batch variance, but update
+    ``var`` with the unbiased one (n / (n - 1)), as ``torch.nn.BatchNorm2d`` does.
+
+    ``frozen`` lists module paths (see ``is_frozen``) whose BatchNorms stay in eval mode.
+    Variables match Flax's ``nn.BatchNorm``: params ``scale``/``bias``, batch_stats ``mean``/``var``.
+    Statistics are always computed in float32, whatever the compute ``dtype``. Under ``jax.jit``
+    with the batch sharded over devices, the means are over the global batch.
+    """
+
+    train: bool = False
+    frozen: Sequence[str] = ()
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    scale_init: Initializer = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        # A BatchNorm inside a frozen part of the network behaves as in eval mode even when
+        # training: it normalizes with, and never updates, its running statistics.
+        use_running_average = not self.train or is_frozen(self.scope.path, self.frozen)
+        features = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        scale = self.param("scale", self.scale_init, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axes)
+            # E[(x - mean)^2] is numerically safer than E[x^2] - mean^2 in float32.
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if not self.is_initializing():
+                n = math.prod(x.shape[:-1])
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+
+        # Fold normalization and affine into one multiply-add: fewer passes over x.
+        mul = scale * lax.rsqrt(var + self.epsilon)
+        add = bias - mean * mul
+        return x * mul.astype(self.dtype) + add.astype(self.dtype)
+
+
+def max_pool(x: Array, kernel_size: int, stride: int, padding: int = 0, ceil_mode: bool = False) -> Array:
+    """``torch.nn.functional.max_pool2d`` on NHWC, including ``ceil_mode``.
+
+    With ``ceil_mode`` the last window may hang over the bottom/right edge (extra -inf
+    padding), but torch drops a window that would start entirely in the padding.
+    """
+    pads = [(0, 0)]
+    for size in x.shape[1:3]:
+        out = _pool_out_size(size, kernel_size, stride, padding, ceil_mode)
+        extra = (out - 1) * stride + kernel_size - (size + 2 * padding)
+        pads.append((padding, padding + max(extra, 0)))
+    pads.append((0, 0))
+    init = jnp.array(-jnp.inf, x.dtype)
+    return lax.reduce_window(x, init, lax.max, (1, kernel_size, kernel_size, 1), (1, stride, stride, 1), pads)
+
+
+def _pool_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    span = size + 2 * padding - kernel
+    if span < 0:
+        raise ValueError(f"input size {size} is smaller than the pooling window {kernel} (padding {padding})")
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def adaptive_avg_pool(x: Array, output_size: int | tuple[int, int]) -> Array:
+    """``torch.nn.AdaptiveAvgPool2d`` on NHWC: bin i covers ``[floor(i*n/o), ceil((i+1)*n/o))``.
+
+    The common cases (global pooling, an exact divisor) are plain means; the general case
+    multiplies by two small constant averaging matrices, which XLA fuses well.
+    """
+    out_h, out_w = _pair(output_size)
+    n, h, w, c = x.shape
+    if (out_h, out_w) == (1, 1):
+        return jnp.mean(x, axis=(1, 2), keepdims=True)
+    if h % out_h == 0 and w % out_w == 0:
+        return jnp.mean(x.reshape(n, out_h, h // out_h, out_w, w // out_w, c), axis=(2, 4))
+    rows = jnp.asarray(_adaptive_pool_matrix(h, out_h), x.dtype)
+    cols = jnp.asarray(_adaptive_pool_matrix(w, out_w), x.dtype)
+    return jnp.einsum("oh,nhwc,pw->nopc", rows, x, cols)
+
+
+def _adaptive_pool_matrix(size: int, out: int) -> np.ndarray:
+    matrix = np.zeros((out, size), np.float32)
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def flatten(x: Array) -> Array:
+    """Flatten NHWC features to (N, H*W*C). Note: torch flattens NCHW as C*H*W; the
+    weight converter permutes the following Linear layer's input rows to match."""
+    return x.reshape(x.shape[0], -1)
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def is_frozen(path: Sequence[str], frozen: Sequence[str]) -> bool:
+    """Whether a module path (``('layer1', '0', 'bn1')``) lies at or under one of the
+    ``frozen`` module paths (``'layer1'``, ``'layer1/0/bn1'``)."""
+    joined = "/".join(path)
+    return any(joined == f or joined.startswith(f.rstrip("/") + "/") for f in frozen)
+
+
+class ConvSpec(NamedTuple):
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+
+
+class PoolSpec(NamedTuple):
+    kernel_size: int
+    stride: int
+
+
+class ConvStack(nn.Module):
+    """A torch ``nn.Sequential`` of Conv2d [+ BatchNorm2d] + ReLU blocks and MaxPool2d, as
+    AlexNet's and VGG's ``features`` are built. Submodules are named by their torch index
+    (``0``, ``1``, ...) so parameter paths read like torchvision's state dict keys."""
+
+    layers: Sequence[ConvSpec | PoolSpec]
+    norm: Callable[..., nn.Module] | None = None
+    dtype: Dtype = jnp.float32
+    kernel_init: Initializer = torch_default_kernel_init
+    bias_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        index = 0
+        for layer in self.layers:
+            if isinstance(layer, PoolSpec):
+                x = max_pool(x, layer.kernel_size, layer.stride)
+                index += 1
+                continue
+            x = Conv2d(*layer, dtype=self.dtype, kernel_init=self.kernel_init, bias_init=self.bias_init,
+                       name=str(index))(x)
+            index += 1
+            if self.norm is not None:
+                x = self.norm(name=str(index))(x)
+                index += 1
+            x = nn.relu(x)
+            index += 1
+        return x

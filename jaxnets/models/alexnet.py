@@ -1,0 +1,51 @@
+"""AlexNet as torchvision builds it (the "one weird trick" variant with 64/192/384/256/256 filters)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxnets.layers import ConvSpec, ConvStack, Linear, PoolSpec, adaptive_avg_pool, flatten
+
+POOL = PoolSpec(3, 2)
+FEATURES = (ConvSpec(64, 11, 4, 2), POOL, ConvSpec(192, 5, 1, 2), POOL,
+            ConvSpec(384, 3, 1, 1), ConvSpec(256, 3, 1, 1), ConvSpec(256, 3, 1, 1), POOL)
+
+
+class AlexNet(nn.Module):
+    """Parameters ``features/{0,3,6,8,10}`` and ``classifier/{1,4,6}``, as in torchvision.
+
+    torchvision leaves AlexNet on torch's default initializers, and so do we.
+    """
+
+    num_classes: int = 1000
+    dropout: float = 0.5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, *, pre_logits: bool = False,
+                 frozen_norm: tuple[str, ...] = ()) -> jax.Array:
+        del frozen_norm  # AlexNet has no BatchNorm
+        x = ConvStack(FEATURES, dtype=self.dtype, name="features")(x)
+        x = flatten(adaptive_avg_pool(x, 6))
+        return Classifier(self.num_classes, self.dropout, self.dtype, name="classifier")(x, train, pre_logits)
+
+
+class Classifier(nn.Module):
+    """torchvision's ``classifier``: Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear."""
+
+    num_classes: int
+    dropout: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, pre_logits: bool) -> jax.Array:
+        for index in (1, 4):
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = nn.relu(Linear(4096, self.dtype, name=str(index))(x))
+        if pre_logits:
+            return x
+        return Linear(self.num_classes, self.dtype, name="6")(x)

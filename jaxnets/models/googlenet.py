@@ -1,0 +1,163 @@
+"""GoogLeNet (Inception v1) as torchvision builds it, auxiliary classifiers included.
+
+torchvision's details, kept: every conv is conv (no bias) + BatchNorm(eps=1e-3) + ReLU; the
+"5x5" branch is a 3x3 conv; max pools use ``ceil_mode=True``; the auxiliary heads pool
+adaptively to 4x4 and only run in training mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxnets.layers import Conv2d, Linear, PoolSpec, adaptive_avg_pool, batch_norm, flatten, max_pool, truncated_normal
+
+init = truncated_normal(0.01)  # torchvision: trunc_normal_(std=0.01, a=-2, b=2) for conv and linear weights
+
+# After the stem: Inception modules (name, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj)
+# and ceil-mode max pools between them.
+BLOCKS = (
+    ("inception3a", 64, 96, 128, 16, 32, 32), ("inception3b", 128, 128, 192, 32, 96, 64), PoolSpec(3, 2),
+    ("inception4a", 192, 96, 208, 16, 48, 64), ("inception4b", 160, 112, 224, 24, 64, 64),
+    ("inception4c", 128, 128, 256, 24, 64, 64), ("inception4d", 112, 144, 288, 32, 64, 64),
+    ("inception4e", 256, 160, 320, 32, 128, 128), PoolSpec(2, 2),
+    ("inception5a", 256, 160, 320, 32, 128, 128), ("inception5b", 384, 192, 384, 48, 128, 128),
+)
+AUX_AFTER = {"inception4a": "aux1", "inception4d": "aux2"}
+
+
+class GoogLeNetOutputs(NamedTuple):
+    """What torchvision's GoogLeNet returns in training mode with ``aux_logits``."""
+
+    logits: jax.Array
+    aux_logits2: jax.Array
+    aux_logits1: jax.Array
+
+
+class BasicConv2d(nn.Module):
+    features: int
+    kernel_size: int
+    norm: Callable[..., nn.Module]
+    stride: int = 1
+    padding: int = 0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = Conv2d(self.features, self.kernel_size, self.stride, self.padding, use_bias=False, dtype=self.dtype,
+                   kernel_init=init, name="conv")(x)
+        return nn.relu(self.norm(name="bn")(x))
+
+
+class Branch(nn.Module):
+    """A torch ``nn.Sequential`` branch: BasicConv2d layers ``(features, kernel)``, optionally
+    after a 3x3/1 ceil-mode max pool at index 0 (branch4)."""
+
+    convs: Sequence[tuple[int, int]]
+    norm: Callable[..., nn.Module]
+    pool_first: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.pool_first:
+            x = max_pool(x, 3, 1, 1, ceil_mode=True)
+        for index, (features, kernel) in enumerate(self.convs, start=int(self.pool_first)):
+            x = BasicConv2d(features, kernel, self.norm, padding=kernel // 2, dtype=self.dtype, name=str(index))(x)
+        return x
+
+
+class Inception(nn.Module):
+    ch1x1: int
+    ch3x3red: int
+    ch3x3: int
+    ch5x5red: int
+    ch5x5: int
+    pool_proj: int
+    norm: Callable[..., nn.Module]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        conv = dict(norm=self.norm, dtype=self.dtype)
+        return jnp.concatenate([
+            BasicConv2d(self.ch1x1, 1, name="branch1", **conv)(x),
+            Branch(((self.ch3x3red, 1), (self.ch3x3, 3)), name="branch2", **conv)(x),
+            Branch(((self.ch5x5red, 1), (self.ch5x5, 3)), name="branch3", **conv)(x),  # torchvision: 3x3, not 5x5
+            Branch(((self.pool_proj, 1),), pool_first=True, name="branch4", **conv)(x),
+        ], axis=-1)
+
+
+class InceptionAux(nn.Module):
+    num_classes: int
+    norm: Callable[..., nn.Module]
+    dropout: float = 0.7
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = adaptive_avg_pool(x, 4)
+        x = flatten(BasicConv2d(128, 1, self.norm, dtype=self.dtype, name="conv")(x))
+        x = nn.relu(Linear(1024, self.dtype, init, name="fc1")(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return Linear(self.num_classes, self.dtype, init, name="fc2")(x)
+
+
+class GoogLeNet(nn.Module):
+    """Parameters ``conv1..3``, ``inception3a..5b``, ``aux1``/``aux2``, ``fc``, as in torchvision.
+
+    In training mode with ``aux_logits`` the call returns ``GoogLeNetOutputs``; otherwise logits.
+    """
+
+    num_classes: int = 1000
+    aux_logits: bool = True
+    transform_input: bool = False
+    dropout: float = 0.2
+    dropout_aux: float = 0.7
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, *, pre_logits: bool = False,
+                 frozen_norm: tuple[str, ...] = ()) -> jax.Array | GoogLeNetOutputs:
+        norm = batch_norm(train, frozen_norm, eps=1e-3, dtype=self.dtype)
+        conv = dict(norm=norm, dtype=self.dtype)
+        if self.transform_input:
+            x = transform_input(x)
+        x = BasicConv2d(64, 7, stride=2, padding=3, name="conv1", **conv)(x)
+        x = max_pool(x, 3, 2, ceil_mode=True)
+        x = BasicConv2d(64, 1, name="conv2", **conv)(x)
+        x = BasicConv2d(192, 3, padding=1, name="conv3", **conv)(x)
+        x = max_pool(x, 3, 2, ceil_mode=True)
+
+        # Aux heads run in training mode only, but are built at init so their parameters exist.
+        run_aux = self.aux_logits and (train or self.is_initializing()) and not pre_logits
+        aux = {}
+        for block in BLOCKS:
+            if isinstance(block, PoolSpec):
+                x = max_pool(x, *block, ceil_mode=True)
+                continue
+            name, *widths = block
+            x = Inception(*widths, **conv, name=name)(x)
+            if run_aux and name in AUX_AFTER:
+                head = AUX_AFTER[name]
+                aux[head] = InceptionAux(self.num_classes, norm, self.dropout_aux, self.dtype, name=head)(x, train)
+        x = adaptive_avg_pool(x, 1).reshape(x.shape[0], -1)
+        if pre_logits:
+            return x
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        logits = Linear(self.num_classes, self.dtype, init, name="fc")(x)
+        if train and self.aux_logits:
+            return GoogLeNetOutputs(logits, aux["aux2"], aux["aux1"])
+        return logits
+
+
+def transform_input(x: jax.Array) -> jax.Array:
+    """torchvision's ``transform_input``: re-normalize ImageNet-normalized input to the (x - 0.5) / 0.5
+    normalization the original Inception weights were trained with."""
+    mean = jnp.array([0.485, 0.456, 0.406], x.dtype)
+    std = jnp.array([0.229, 0.224, 0.225], x.dtype)
+    return x * (std / 0.5) + (mean - 0.5) / 0.5

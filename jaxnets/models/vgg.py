@@ -1,0 +1,68 @@
+"""VGG-11/13/16/19, with and without BatchNorm, as torchvision builds them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxnets.layers import (
+    ConvSpec,
+    ConvStack,
+    Linear,
+    PoolSpec,
+    adaptive_avg_pool,
+    batch_norm,
+    flatten,
+    kaiming_normal_fan_out,
+)
+
+# Configurations A, B, D, E of Simonyan & Zisserman: output widths of the 3x3 convs, 0 = max pool.
+CONFIGS = {
+    11: (64, 0, 128, 0, 256, 256, 0, 512, 512, 0, 512, 512, 0),
+    13: (64, 64, 0, 128, 128, 0, 256, 256, 0, 512, 512, 0, 512, 512, 0),
+    16: (64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0),
+    19: (64, 64, 0, 128, 128, 0, 256, 256, 256, 256, 0, 512, 512, 512, 512, 0, 512, 512, 512, 512, 0),
+}
+
+zeros = nn.initializers.zeros
+linear_init = nn.initializers.normal(0.01)  # torchvision: normal_(0, 0.01), bias 0
+
+
+class VGG(nn.Module):
+    """Parameters ``features/<torch index>`` and ``classifier/{0,3,6}``, as in torchvision."""
+
+    depth: int = 16
+    batch_norm: bool = False
+    num_classes: int = 1000
+    dropout: float = 0.5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, *, pre_logits: bool = False,
+                 frozen_norm: tuple[str, ...] = ()) -> jax.Array:
+        layers = tuple(PoolSpec(2, 2) if width == 0 else ConvSpec(width, 3, 1, 1) for width in CONFIGS[self.depth])
+        norm = batch_norm(train, frozen_norm, dtype=self.dtype) if self.batch_norm else None
+        x = ConvStack(layers, norm, self.dtype, kaiming_normal_fan_out, zeros, name="features")(x)
+        x = flatten(adaptive_avg_pool(x, 7))
+        return Classifier(self.num_classes, self.dropout, self.dtype, name="classifier")(x, train, pre_logits)
+
+
+class Classifier(nn.Module):
+    """torchvision's ``classifier``: Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear."""
+
+    num_classes: int
+    dropout: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, pre_logits: bool) -> jax.Array:
+        for index in (0, 3):
+            x = nn.relu(Linear(4096, self.dtype, linear_init, zeros, name=str(index))(x))
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        if pre_logits:
+            return x
+        return Linear(self.num_classes, self.dtype, linear_init, zeros, name="6")(x)
+
