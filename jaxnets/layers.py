@@ -177,17 +177,20 @@ def max_pool(x: Array, kernel_size: int, stride: int, padding: int = 0, ceil_mod
         extra = (out - 1) * stride + kernel_size - (size + 2 * padding)
         pads.append((padding, padding + max(extra, 0)))
     pads.append((0, 0))
-    init = jnp.array(-jnp.inf, x.dtype)
+    init = np.array(-np.inf, x.dtype)  # concrete: lax picks the differentiable reduce_window_max
     return lax.reduce_window(x, init, lax.max, (1, kernel_size, kernel_size, 1), (1, stride, stride, 1), pads)
 
 
 def _pool_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    # torch: floor_or_ceil((size + 2p - k) / s) + 1; with ceil_mode a window may start past the input's
+    # end only into the left padding, so such a last window is dropped.
     span = size + 2 * padding - kernel
-    if span < 0:
-        raise ValueError(f"input size {size} is smaller than the pooling window {kernel} (padding {padding})")
     out = (-(-span // stride) if ceil_mode else span // stride) + 1
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
+    if out < 1:
+        raise ValueError(f"input size {size} is too small for a {kernel}x{kernel} max pool "
+                         f"(stride {stride}, padding {padding})")
     return out
 
 

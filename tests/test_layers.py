@@ -1,0 +1,101 @@
+"""The torch-semantics building blocks against torch.nn.functional, over many sizes.
+
+These are what make fidelity hold at every input size, not only the sizes the model tests use.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import linen as nn
+from torch_oracle import nchw
+
+from jaxnets import layers
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape, np.float32)
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,ceil_mode",
+                         [(3, 2, 0, True), (3, 2, 1, False), (2, 2, 0, True), (3, 1, 1, True), (2, 2, 0, False),
+                          (3, 2, 1, True), (3, 3, 1, True)])
+def test_max_pool_matches_torch_at_every_size(kernel, stride, padding, ceil_mode):
+    pool = jax.jit(layers.max_pool, static_argnums=(1, 2, 3, 4))
+    for h, w in itertools.product(range(1, 20), (kernel + 1, 13)):
+        x = rand(1, h, w, 2, seed=h)
+        try:
+            expected = F.max_pool2d(nchw(x), kernel, stride, padding, ceil_mode=ceil_mode)
+        except RuntimeError:  # torch refuses: so must we, with a clear message
+            with pytest.raises(ValueError, match=f"input size {h} is too small"):
+                layers.max_pool(x, kernel, stride, padding, ceil_mode)
+            continue
+        np.testing.assert_array_equal(pool(x, kernel, stride, padding, ceil_mode), nhwc(expected), err_msg=f"{h}x{w}")
+
+
+def test_adaptive_avg_pool_matches_torch_bins():
+    for h, w, out in itertools.product((1, 3, 7, 13, 17), (4, 9), (1, 4, 7)):
+        x = rand(2, h, w, 3, seed=h * w)
+        expected = nhwc(F.adaptive_avg_pool2d(nchw(x), out))
+        np.testing.assert_allclose(layers.adaptive_avg_pool(x, out), expected, rtol=1e-6, atol=1e-6,
+                                   err_msg=f"{h}x{w}->{out}")
+
+
+@pytest.mark.parametrize("kernel,stride,padding,groups", [(7, 2, 3, 1), (3, 2, 1, 1), (11, 4, 2, 1), (3, 2, 1, 4)])
+def test_conv_pads_symmetrically_like_torch(kernel, stride, padding, groups):
+    conv = layers.Conv2d(8, kernel, stride, padding, groups)
+    for size in (kernel, 15, 16, 33):
+        x = rand(1, size, size + 1, 4, seed=size)
+        variables = conv.init(jax.random.key(0), x)
+        weight = torch.from_numpy(np.asarray(variables["params"]["kernel"]).transpose(3, 2, 0, 1).copy())
+        bias = torch.from_numpy(np.array(variables["params"]["bias"]))
+        expected = nhwc(F.conv2d(nchw(x), weight, bias, stride, padding, groups=groups))
+        np.testing.assert_allclose(conv.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_updates_running_var_with_unbiased_variance_like_torch():
+    x = rand(3, 5, 4, 6)
+    bn = layers.batch_norm(train=True, eps=1e-3)()
+    variables = bn.init(jax.random.key(0), x)
+    y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+    torch_bn = torch.nn.BatchNorm2d(6, eps=1e-3).train()
+    expected = nhwc(torch_bn(nchw(x)).detach())
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], torch_bn.running_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], torch_bn.running_var, rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_batch_norm_normalizes_with_and_keeps_running_statistics():
+    class Net(nn.Module):
+        frozen: tuple[str, ...]
+
+        @nn.compact
+        def __call__(self, x):
+            return layers.batch_norm(train=True, frozen=self.frozen)(name="bn")(x)
+
+    x = 3.0 + rand(4, 3, 3, 2)
+    variables = Net(()).init(jax.random.key(0), x)
+    variables = {**variables, "batch_stats": {"bn": {"mean": np.array([0.5, -1.0], np.float32),
+                                                     "var": np.array([2.0, 0.5], np.float32)}}}
+    y, updates = Net(("bn",)).apply(variables, x, mutable=["batch_stats"])
+    stats = variables["batch_stats"]["bn"]
+    np.testing.assert_allclose(y, (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5), rtol=1e-5, atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
+    _, updates = Net(()).apply(variables, x, mutable=["batch_stats"])  # not frozen: stats move
+    assert not np.allclose(updates["batch_stats"]["bn"]["mean"], stats["mean"])
+
+
+def test_is_frozen_matches_whole_path_components():
+    assert layers.is_frozen(("layer1", "0", "bn1"), ("layer1",))
+    assert layers.is_frozen(("layer1", "0", "bn1"), ("layer1/0/bn1",))
+    assert not layers.is_frozen(("layer10", "bn1"), ("layer1",))
+    assert not layers.is_frozen(("bn1",), ())

@@ -1,0 +1,70 @@
+"""torchvision models as the test oracle: random weights and realistic, randomized BatchNorm state.
+
+A freshly initialized torchvision model has running_mean 0 / running_var 1 everywhere, which a
+mapping that drops or swaps BatchNorm buffers would still pass. ``oracle_model`` calibrates the
+running statistics on a random batch (so deep nets keep O(1) activations) and then perturbs
+every BatchNorm parameter and buffer, so each one matters to the logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision
+
+import jaxnets
+
+# Options that make a torchvision model deterministic in train mode (dropout off), per family.
+NO_DROPOUT = {"alexnet": {"dropout": 0.0}, "vgg": {"dropout": 0.0},
+              "googlenet": {"dropout": 0.0, "dropout_aux": 0.0}, "resnet": {}}
+
+
+def torch_options(name: str, **options) -> dict:
+    family = jaxnets.get_spec(name).family
+    defaults = {"init_weights": True, "aux_logits": True} if family == "googlenet" else {}
+    return {**defaults, **NO_DROPOUT[family], **options}
+
+
+def jax_options(name: str, **options) -> dict:
+    """The jaxnets options matching ``torch_options`` (same names, minus torch-only ones)."""
+    opts = torch_options(name, **options)
+    opts.pop("init_weights", None)
+    return opts
+
+
+def oracle_model(name: str, seed: int = 0, **options) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None, **torch_options(name, **options))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if norms:
+        size = max(64, *jaxnets.get_spec(name).weights.min_size)
+        for m in norms:
+            m.momentum = 1.0  # running stats := this batch's stats
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(4, 3, size, size))
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for m in norms:
+                n = m.num_features
+                m.momentum = 0.1
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_mean.add_(0.1 * torch.randn(n, generator=g) * m.running_var.sqrt())
+                m.running_var.mul_(0.8 + 0.45 * torch.rand(n, generator=g))
+                m.num_batches_tracked.fill_(7)
+    return model.eval()
+
+
+def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def nchw(x_nhwc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
+
+
+def max_rel_error(actual, expected) -> float:
+    """max |a - e| / (1 + max |e|): the suite's float32 fidelity measure (bound: 1e-4)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.abs(actual - expected).max() / (1.0 + np.abs(expected).max()))
