@@ -85,7 +85,10 @@ def test_fidelity_from_the_minimum_input_size_up(name):
         assert max_rel_error(model.apply(variables, x), expected) <= 1e-4, (h, w)
 
 
-@pytest.mark.parametrize("name,options", [(n, {}) for n in FAMILY_MODELS] + [("resnet50", {"zero_init_residual": True})])
+INIT_CASES = [(name, {}) for name in FAMILY_MODELS] + [("resnet50", {"zero_init_residual": True})]
+
+
+@pytest.mark.parametrize("name,options", INIT_CASES)
 def test_initialization_follows_torchvision(name, options):
     """Same distributions per tensor: constants exactly, random tensors by standard deviation."""
     torch.manual_seed(0)
