@@ -3,19 +3,30 @@
 from jaxnets.mapping import WeightMappingError, from_torch_state_dict, to_torch_state_dict
 from jaxnets.models import GoogLeNetOutputs
 from jaxnets.registry import (
-                              EvalTransform,
-                              ModelSpec,
-                              PretrainedWeights,
-                              create_model,
-                              get_spec,
-                              imagenet_categories,
-                              list_models,
+    EvalTransform,
+    ModelSpec,
+    PretrainedWeights,
+    create_model,
+    get_spec,
+    imagenet_categories,
+    list_models,
+)
+from jaxnets.weights import (
+    WeightsError,
+    WeightsFile,
+    export_torch,
+    load_pretrained,
+    load_weights,
+    model_options,
+    reinitialize_head,
+    save_weights,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EvalTransform", "GoogLeNetOutputs", "ModelSpec", "PretrainedWeights", "WeightMappingError",
-    "create_model", "from_torch_state_dict", "get_spec", "imagenet_categories", "list_models",
+    "EvalTransform", "GoogLeNetOutputs", "ModelSpec", "PretrainedWeights", "WeightMappingError", "WeightsError",
+    "WeightsFile", "create_model", "export_torch", "from_torch_state_dict", "get_spec", "imagenet_categories",
+    "list_models", "load_pretrained", "load_weights", "model_options", "reinitialize_head", "save_weights",
     "to_torch_state_dict",
 ]

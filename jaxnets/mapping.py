@@ -115,10 +115,10 @@ def _to_flax(spec: ModelSpec, path: tuple[str, ...], value: np.ndarray) -> np.nd
     if value.ndim == 2:
         module = "/".join(path[1:-1])
         if module in spec.flattened_linears:
-            # torch flattened NCHW features, index c*H*W + h*W + w; jaxnets flattens NHWC,
-            # index h*W*C + w*C + c: reorder the weight's input columns from (C, H, W) to (H, W, C).
+            # torch flattens NCHW features (index c*H*W + h*W + w); jaxnets flattens NHWC (index
+            # h*W*C + w*C + c). One copy: (out, C, H, W) -> (H, W, C, out) -> (H*W*C, out).
             c, h, w = spec.flattened_linears[module]
-            value = value.reshape(-1, c, h, w).transpose(0, 2, 3, 1).reshape(value.shape[0], -1)
+            return value.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1)
         # torch Linear weight (out, in) -> Flax kernel (in, out).
         return value.T
     return value
@@ -129,12 +129,11 @@ def _to_torch(spec: ModelSpec, path: tuple[str, ...], value: np.ndarray) -> np.n
     if value.ndim == 4:
         return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
     if value.ndim == 2:
-        value = value.T
         module = "/".join(path[1:-1])
         if module in spec.flattened_linears:
             c, h, w = spec.flattened_linears[module]
-            value = value.reshape(-1, h, w, c).transpose(0, 3, 1, 2).reshape(value.shape[0], -1)
-        return np.ascontiguousarray(value)
+            return np.ascontiguousarray(value.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w))
+        return np.ascontiguousarray(value.T)
     return value
 
 

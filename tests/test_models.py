@@ -5,6 +5,7 @@ Tolerance: float32 logits agree to max|jax - torch| <= 1e-4 * (1 + max|torch|) (
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -71,29 +72,37 @@ def test_eval_logits_equal_torchvision(name, size):
     assert max_rel_error(eval_logits(model, variables, x), expected) <= TOL
 
 
+def torch_train_forward(torch_model, state, x, dtype=torch.float32):
+    """One train-mode forward of a copy of ``torch_model``; returns (outputs, updated state dict)."""
+    model = copy.deepcopy(torch_model).to(dtype).train()
+    with torch.no_grad():
+        out = model(nchw(x).to(dtype))
+    out = tuple(out) if isinstance(out, tuple) else (out,)
+    return [o.double().numpy() for o in out], state_dict_numpy(model.float())
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_train_mode_logits_and_running_stats_equal_torchvision(name):
+    """Train-mode BatchNorm normalizes with statistics of a small batch, which amplifies float32
+    rounding through deep nets: ResNet-152's float32 logits differ from its own float64 ones by
+    ~1e-4. So the reference is torchvision in float64, and the bound is 1e-4 or twice torchvision's
+    own float32 error, whichever is larger."""
     torch_model, state, variables, model = case(name)
     x = images(4, 64, 72, seed=1)
     out, updates = _apply(model, True)(variables, x)
-    torch_model.train()
-    try:
-        with torch.no_grad():
-            expected = torch_model(nchw(x))
-        torch_stats = jaxnets.from_torch_state_dict(name, state_dict_numpy(torch_model)).get("batch_stats", {})
-    finally:
-        torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-        torch_model.eval()
+    torch32, torch_state = torch_train_forward(torch_model, state, x)
+    torch64, _ = torch_train_forward(torch_model, state, x, torch.float64)
     if jaxnets.get_spec(name).family == "googlenet":
-        assert isinstance(out, jaxnets.GoogLeNetOutputs)
-        for field in out._fields:  # logits, aux_logits2, aux_logits1
-            assert max_rel_error(getattr(out, field), getattr(expected, field).numpy()) <= TOL, field
-    else:
-        assert max_rel_error(out, expected.numpy()) <= TOL
+        assert isinstance(out, jaxnets.GoogLeNetOutputs)  # (logits, aux_logits2, aux_logits1), torchvision's order
+    out = tuple(out) if isinstance(out, tuple) else (out,)
+    assert len(out) == len(torch64)
+    for ours, exact, single in zip(out, torch64, torch32, strict=True):
+        assert max_rel_error(ours, exact) <= max(TOL, 2 * max_rel_error(single, exact))
+
     ours = traverse_util.flatten_dict(updates.get("batch_stats", {}))
-    theirs = traverse_util.flatten_dict(torch_stats)
+    theirs = traverse_util.flatten_dict(jaxnets.from_torch_state_dict(name, torch_state).get("batch_stats", {}))
     assert ours.keys() == theirs.keys()
-    assert (name.startswith(("vgg1", "alexnet")) and not name.endswith("_bn")) or ours
+    assert bool(ours) == name.endswith("_bn") or jaxnets.get_spec(name).family in ("googlenet", "resnet")
     for path, value in ours.items():
         assert max_rel_error(value, theirs[path]) <= TOL, path
 
