@@ -1,0 +1,97 @@
+"""Convert torchvision weights to jaxnets weights files, and jaxnets weights back to PyTorch.
+
+    python convert_weights.py resnet50                          # torchvision's ImageNet weights -> cache
+    python convert_weights.py --all --verify                    # every registered model
+    python convert_weights.py resnet50 --from resnet50-0676ba61.pth --verify
+    python convert_weights.py resnet18 --from my.safetensors --out my_resnet18.safetensors   # no torch needed
+    python convert_weights.py --to-torch finetuned.safetensors --out finetuned.pth
+
+The cache is $JAXNETS_HOME/weights (default ~/.cache/jaxnets/weights), where load_pretrained looks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxnets.registry import list_models
+from jaxnets.weights import Conversion, cached_weights_path, convert, export_torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", help="model name, one of jaxnets.list_models()")
+    parser.add_argument("--all", action="store_true", help="convert torchvision's weights of every registered model")
+    parser.add_argument("--from", dest="source", metavar="FILE",
+                        help="local state dict (.pth via torch.load(weights_only=True), or .safetensors) "
+                             "instead of downloading torchvision's")
+    parser.add_argument("--out", metavar="PATH", help="output file (with --all: directory); default: the cache for "
+                                                      "torchvision's weights, else <FILE stem>.jaxnets.safetensors")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare logits with torchvision on a random batch; fail above tolerance")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
+                        help="model option to record, e.g. transform_input=false (repeatable)")
+    parser.add_argument("--to-torch", metavar="FLAX_FILE",
+                        help="export a jaxnets weights file to a torchvision state dict at --out (.pth/.safetensors)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.to_torch:
+        if args.model or args.all or args.source or args.verify or args.option:
+            parser.error("--to-torch takes only --out")
+        if not args.out:
+            parser.error("--to-torch needs --out FILE (.pth or .safetensors)")
+        try:
+            print(f"wrote {export_torch(args.to_torch, args.out)}")
+        except (OSError, ValueError) as exc:
+            return _fail(exc)
+        return 0
+    if bool(args.model) == args.all:
+        parser.error("give one MODEL, or --all")
+    if args.all and args.source:
+        parser.error("--from converts one file: give MODEL, not --all")
+    options = dict(_parse_option(parser, option) for option in args.option)
+    names = list_models() if args.all else [args.model]
+    failures = 0
+    for name in names:
+        out = args.out
+        if args.all and args.out:
+            out = Path(args.out) / cached_weights_path(name).name
+        try:
+            print(_describe(convert(name, args.source, out, verify=args.verify, model_options=options)))
+        except (OSError, ValueError) as exc:  # one model failing does not stop --all
+            failures += _fail(exc)
+    return 1 if failures else 0
+
+
+def _fail(exc: Exception) -> int:
+    print(f"convert_weights.py: error: {exc}", file=sys.stderr)
+    return 1
+
+
+def _parse_option(parser: argparse.ArgumentParser, option: str) -> tuple[str, object]:
+    key, sep, value = option.partition("=")
+    try:
+        if not sep or not key:
+            raise ValueError
+        return key, json.loads(value)
+    except ValueError:
+        parser.error(f"--option {option!r}: expected KEY=JSON, e.g. transform_input=false")
+
+
+def _describe(result: Conversion) -> str:
+    line = f"{result.name}: {result.source} (sha256 {result.source_sha256[:12]}) -> {result.path}"
+    if result.max_abs_diff is not None:
+        line += f"; verified: max |logit diff| vs torchvision {result.max_abs_diff:.2e} <= {result.tolerance:.2e}"
+    return line
+
+
+if __name__ == "__main__":
+    sys.exit(main())

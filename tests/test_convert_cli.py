@@ -1,0 +1,121 @@
+"""``convert_weights.py``: flags, exit statuses and one-line errors (called in-process through ``main``,
+plus one real subprocess to prove the script runs as a script)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import torchvision
+from torch_oracle import oracle_model
+
+import jaxnets
+from jaxnets import weights
+from jaxnets.weights import load_weights
+
+SCRIPT = Path(__file__).resolve().parents[1] / "convert_weights.py"
+_spec = importlib.util.spec_from_file_location("convert_weights", SCRIPT)
+convert_weights = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert_weights)
+
+
+@pytest.fixture(scope="module")
+def resnet18_pth(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "resnet18.pth"
+    torch.save(oracle_model("resnet18").state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network, empty torch hub and jaxnets caches, whatever the machine running the tests has."""
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("JAXNETS_HOME", str(tmp_path / "jaxnets"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_convert_with_verify(resnet18_pth, tmp_path, capsys):
+    out = tmp_path / "r18.safetensors"
+    assert convert_weights.main(["resnet18", "--from", str(resnet18_pth), "--out", str(out), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert f"-> {out}; verified: max |logit diff| vs torchvision" in printed
+    diff, tolerance = (float(v) for v in printed.split("torchvision ")[1].split(" <= "))
+    assert diff <= tolerance
+    assert load_weights(out).metadata["source"] == "resnet18.pth"
+
+
+def test_verify_above_tolerance_fails_and_writes_nothing(resnet18_pth, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(weights, "TOLERANCE", -1.0)  # any difference, even 0, is now too much
+    out = tmp_path / "r18.safetensors"
+    assert convert_weights.main(["resnet18", "--from", str(resnet18_pth), "--out", str(out), "--verify"]) == 1
+    assert "does not reproduce torchvision" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_default_output_goes_next_to_a_local_source(resnet18_pth, capsys):
+    assert convert_weights.main(["resnet18", "--from", str(resnet18_pth)]) == 0
+    assert load_weights(resnet18_pth.with_name("resnet18.jaxnets.safetensors")).name == "resnet18"
+
+
+def test_option_is_recorded(resnet18_pth, tmp_path, capsys):
+    out = tmp_path / "r18.safetensors"
+    assert convert_weights.main(["resnet18", "--from", str(resnet18_pth), "--out", str(out),
+                                 "--option", "zero_init_residual=true"]) == 0
+    assert load_weights(out).model_options == {"zero_init_residual": True}
+
+
+def test_to_torch_exports_pth_and_safetensors(resnet18_pth, tmp_path, capsys):
+    flax_file = tmp_path / "r18.safetensors"
+    assert convert_weights.main(["resnet18", "--from", str(resnet18_pth), "--out", str(flax_file)]) == 0
+    original = torch.load(resnet18_pth, weights_only=True)
+    for out in (tmp_path / "back.pth", tmp_path / "back.safetensors"):
+        assert convert_weights.main(["--to-torch", str(flax_file), "--out", str(out)]) == 0
+        state = torch.load(out, weights_only=True) if out.suffix == ".pth" else safetensors.torch.load_file(out)
+        torchvision.models.resnet18().load_state_dict(state, strict=True)
+        assert all(torch.equal(state[k], v) for k, v in original.items() if "num_batches" not in k)
+
+
+def test_no_source_offline_fails_with_a_one_line_hint(offline, capsys):
+    assert convert_weights.main(["resnet18"]) == 1
+    err = one_line_error(capsys)
+    assert "cannot download https://download.pytorch.org/models/resnet18-f37072fd.pth" in err
+    assert "python convert_weights.py resnet18 --from resnet18-f37072fd.pth" in err
+
+
+def test_all_reports_every_model_and_fails(offline, capsys):
+    assert convert_weights.main(["--all"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == len(jaxnets.list_models())
+    assert all(f"{name}: cannot download" in line for name, line in zip(jaxnets.list_models(), err, strict=True))
+
+
+@pytest.mark.parametrize("argv", [[], ["resnet18", "--all"], ["--all", "--from", "x.pth"], ["--to-torch", "x"],
+                                  ["resnet18", "--option", "no_equals_sign"]])
+def test_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        convert_weights.main(argv)
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_script_exits_nonzero_with_one_line_naming_the_file(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--to-torch", str(missing), "--out", str(tmp_path / "x.pth")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == f"convert_weights.py: error: {missing}: no such file\n"

@@ -1,0 +1,152 @@
+"""``python -m jaxnets.predict``: preprocessing against torchvision's transforms, batching, and the CLI.
+
+Preprocessing must equal torchvision's eval pipeline on the same file to within one intensity level
+per pixel (|difference| * 255 * std <= 1); the CLI's probabilities must equal torchvision's (4 decimals).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch_oracle import oracle_model
+from torchvision import transforms
+
+import jaxnets
+from jaxnets import predict
+from jaxnets.registry import EvalTransform
+from jaxnets.weights import save_weights
+
+STD = np.asarray(EvalTransform().std, np.float32)
+
+
+def smooth_image(height: int, width: int, seed: int) -> np.ndarray:
+    """A random image with structure at several scales, so resampling errors would show."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (max(height // 8, 2), max(width // 8, 2), 3), np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), np.int16)
+    return np.clip(smooth + rng.integers(-20, 21, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def write_image(path, height: int, width: int, mode: str, seed: int = 0):
+    image = Image.fromarray(smooth_image(height, width, seed))
+    if mode == "RGBA":
+        image.putalpha(Image.fromarray(smooth_image(height, width, seed + 1)[..., 0]))
+    elif mode == "P":
+        image = image.quantize(64)
+        image.info["transparency"] = 0
+    elif mode != "RGB":
+        image = image.convert(mode)
+    image.save(path)
+    return path
+
+
+def torchvision_eval(path, name: str = "resnet18") -> np.ndarray:
+    """torchvision's pipeline: PIL ``convert('RGB')`` and the weights' own ``transforms()`` (HWC)."""
+    preset = torchvision.models.get_model_weights(name).IMAGENET1K_V1.transforms()
+    with Image.open(path) as image:
+        return preset(image.convert("RGB")).numpy().transpose(1, 2, 0)
+
+
+CASES = [  # (height, width, mode, suffix)
+    (300, 241, "RGB", ".jpg"), (233, 347, "RGB", ".png"), (256, 256, "L", ".jpg"), (200, 150, "RGBA", ".png"),
+    (517, 389, "P", ".png"), (224, 900, "LA", ".png"), (120, 90, "RGB", ".png"),  # upsampled
+]
+
+
+@pytest.mark.parametrize(("height", "width", "mode", "suffix"), CASES)
+def test_preprocess_matches_torchvision_to_one_intensity_level(tmp_path, height, width, mode, suffix):
+    path = write_image(tmp_path / f"image{suffix}", height, width, mode)
+    ours = predict.preprocess(predict.read_image(path))
+    expected = torchvision_eval(path)
+    assert ours.shape == expected.shape == (224, 224, 3) and ours.dtype == np.float32
+    assert np.abs(ours - expected).max() * 255 * STD.max() <= 1.0
+    classic = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                  transforms.Normalize(EvalTransform().mean, EvalTransform().std)])
+    with Image.open(path) as image:
+        assert np.abs(ours - classic(image.convert("RGB")).numpy().transpose(1, 2, 0)).max() * 255 <= 1.0
+
+
+def test_center_crop_pads_small_images_like_torchvision():
+    image = Image.fromarray(smooth_image(100, 61, 3))
+    expected = transforms.CenterCrop(80)(image)
+    assert np.array_equal(np.asarray(predict.center_crop(image, 80)), np.asarray(expected))
+
+
+class CountingModel:
+    """Counts how often the forward pass is traced (= compiled) by ``jax.jit``."""
+
+    def __init__(self, model):
+        self.model, self.traces = model, 0
+
+    def apply(self, *args, **kwargs):
+        self.traces += 1
+        return self.model.apply(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def resnet18(tmp_path_factory):
+    torch_model = oracle_model("resnet18")
+    variables = jaxnets.from_torch_state_dict("resnet18", {k: v.numpy() for k, v in torch_model.state_dict().items()})
+    path = save_weights(tmp_path_factory.mktemp("weights") / "resnet18.safetensors", "resnet18", variables)
+    return torch_model, variables, path
+
+
+def test_classify_compiles_once_and_padding_changes_nothing(resnet18):
+    _, variables, _ = resnet18
+    model = CountingModel(jaxnets.create_model("resnet18"))
+    images = np.random.default_rng(0).standard_normal((5, 32, 32, 3)).astype(np.float32)
+    batched = predict.classify(model, variables, images, batch_size=2)  # batches of 2, 2, 1 (+1 padding)
+    assert model.traces == 1
+    one_batch = predict.classify(jaxnets.create_model("resnet18"), variables, images, batch_size=5)
+    np.testing.assert_allclose(batched, one_batch, rtol=0, atol=1e-5 * (1 + np.abs(one_batch).max()))
+
+
+def test_cli_prints_top_k_like_torchvision_and_reports_unreadable_files(resnet18, tmp_path, capsys):
+    torch_model, _, weights = resnet18
+    good = [write_image(tmp_path / "a.jpg", 300, 241, "RGB"), write_image(tmp_path / "b.png", 233, 347, "P", 1),
+            write_image(tmp_path / "c.png", 256, 300, "L", 2)]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(good[0].read_bytes()[:200])
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    argv = ["--model", "resnet18", "--weights", str(weights), "--top", "3", "--batch-size", "2",
+            str(good[0]), str(broken), str(good[1]), str(not_an_image), str(tmp_path / "missing.jpg"), str(good[2])]
+
+    assert predict.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 4  # one line per unreadable file, one summary
+    for bad in (broken, not_an_image, tmp_path / "missing.jpg"):
+        assert f"error: {bad}: cannot read image" in err
+    assert "3 of 6 image(s) could not be read" in err
+
+    with torch.no_grad():
+        probs = torch.softmax(torch_model(torch.stack([torch.from_numpy(torchvision_eval(p).transpose(2, 0, 1))
+                                                       for p in good])), -1).numpy()
+    lines = out.splitlines()
+    assert lines[0::4] == [str(p) for p in good]
+    categories = jaxnets.imagenet_categories()
+    for i, expected in enumerate(probs):
+        best = np.argsort(-expected)[:3]
+        assert lines[4 * i + 1: 4 * i + 4] == [f"  {expected[j]:7.4f}  {categories[j]}" for j in best]
+
+
+def test_cli_uses_class_names_recorded_with_fine_tuned_weights(resnet18, tmp_path, capsys):
+    _, variables, _ = resnet18
+    variables = {**variables, "params": {**variables["params"],
+                                         "fc": {"kernel": variables["params"]["fc"]["kernel"][:, :3],
+                                                "bias": np.array([0.0, 50.0, 0.0], np.float32)}}}
+    weights = save_weights(tmp_path / "tiny.safetensors", "resnet18", variables,
+                           metadata={"categories": ["ant", "bee", "cat"]})
+    image = write_image(tmp_path / "x.png", 64, 64, "RGB")
+    assert predict.main(["--model", "resnet18", "--weights", str(weights), "--top", "5", str(image)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == str(image) and len(out) == 4 and out[1].endswith("  bee")
+
+
+def test_cli_rejects_weights_of_another_model(resnet18, capsys):
+    assert predict.main(["--model", "resnet34", "--weights", str(resnet18[2]), "x.jpg"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds resnet18 weights, not resnet34" in err
