@@ -82,21 +82,23 @@ def torch_key(module_path: str, flax_leaf: str) -> str:
     return f"{module_path.replace('/', '.')}.{TORCH_LEAF[flax_leaf]}"
 
 
+def variable_shapes(name: str, **options: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flax variable path -> shape for ``create_model(name, **options)``, without computing anything."""
+    return dict(_variable_shapes(name, tuple(sorted(options.items()))))
+
+
 @lru_cache(maxsize=64)
-def _torch_layout(name: str, options: tuple[tuple[str, Any], ...]) -> dict[str, tuple[tuple[str, ...], tuple]]:
-    spec = get_spec(name)
+def _variable_shapes(name: str, options: tuple[tuple[str, Any], ...]) -> tuple[tuple[tuple[str, ...], tuple], ...]:
     model = create_model(name, **dict(options))
-    size = max(224, *spec.weights.min_size)
+    size = max(224, *get_spec(name).weights.min_size)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
-    layout = {}
-    for path, leaf in traverse_util.flatten_dict(shapes).items():
-        layout[torch_key("/".join(path[1:-1]), path[-1])] = (path, _torch_shape(tuple(leaf.shape)))
-    return layout
+    return tuple((path, tuple(leaf.shape)) for path, leaf in traverse_util.flatten_dict(shapes).items())
 
 
 def torch_layout(name: str, **options: Any) -> dict[str, tuple[tuple[str, ...], tuple]]:
     """torch key -> (Flax variable path, torch shape) for the model ``create_model(name, **options)``."""
-    return _torch_layout(name, tuple(sorted(options.items())))
+    return {torch_key("/".join(path[1:-1]), path[-1]): (path, _torch_shape(shape))
+            for path, shape in variable_shapes(name, **options).items()}
 
 
 def _torch_shape(flax_shape: tuple) -> tuple:

@@ -25,7 +25,7 @@ import pickle
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,13 @@ from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxnets.mapping import OPTIONAL_MODULES, WeightMappingError, from_torch_state_dict, to_torch_state_dict
+from jaxnets.mapping import (
+    OPTIONAL_MODULES,
+    WeightMappingError,
+    from_torch_state_dict,
+    to_torch_state_dict,
+    variable_shapes,
+)
 from jaxnets.registry import create_model, get_spec
 
 logger = logging.getLogger(__name__)
@@ -509,19 +515,11 @@ def _modules_in(keys: Iterable[str], modules: Sequence[str]) -> list[str]:
 
 def expected_shapes(name: str, num_classes: int, options: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Flat Flax variable key -> shape of ``create_model(name, num_classes, **options)``."""
-    return dict(_expected_shapes(name, num_classes, json.dumps(dict(options), sort_keys=True)))
-
-
-@lru_cache(maxsize=32)
-def _expected_shapes(name: str, num_classes: int, options_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    options = json.loads(options_json)
     for reserved in ("num_classes", "dtype"):
         if reserved in options:
             raise WeightsError(f"{name}: {reserved!r} is not a model option here; pass it as its own argument")
-    model = create_model(name, num_classes, **options)
-    size = max(224, *get_spec(name).weights.min_size)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
-    return tuple(sorted((k, tuple(v.shape)) for k, v in _flat(shapes).items()))
+    shapes = variable_shapes(name, num_classes=num_classes, **options)
+    return {"/".join(path): shape for path, shape in shapes.items()}
 
 
 def _check_fits(where: str, shapes: Mapping[str, tuple], expected: Mapping[str, tuple]) -> None:
