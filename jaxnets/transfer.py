@@ -1,0 +1,227 @@
+"""Which parameters a transfer-learning run trains, and how fast: freeze masks, frozen BatchNorm, optax
+partition, learning-rate multipliers (backbone vs head, layer-wise decay).
+
+A mask is a pytree of bools shaped like ``params`` (True = trainable). Patterns name parameters by their
+'/'-joined module paths, which mirror torchvision's module names, so ``'conv1,bn1,layer1'`` freezes what a
+torch user would expect. Frozen leaves go to ``optax.set_to_zero()`` through ``optax.partition``: unlike
+``optax.masked``, which passes the raw gradient through for masked leaves, this gives them a zero update,
+no optimizer state and no weight decay.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax import traverse_util
+
+from jaxnets.registry import create_model, get_spec
+
+PyTree = Any
+Path = tuple[str, ...]
+
+NO_FREEZE = "none"
+BACKBONE = "backbone"
+FROZEN = "frozen"  # build_optimizer's partition label of frozen leaves
+
+
+def trainable_mask(name: str, params: PyTree, freeze: str | Sequence[str]) -> PyTree:
+    """A bool pytree like ``params``: True where a parameter is trained, False where it is frozen.
+
+    ``freeze`` is ``'none'`` (full fine-tuning), ``'backbone'`` (everything but ``get_spec(name).head``), or a
+    comma-separated string / sequence of shell-style patterns over module paths (``'conv1,bn1,layer1'``,
+    ``'features/*'``, ``'layer[12]'``; torch's dots work too: ``'layer1.0'``). A pattern matches a parameter
+    when it matches the whole of a leading run of its path components, so ``layer1`` never matches
+    ``layer10`` and ``conv1`` means the stem, not ``layer1/0/conv1``.
+    """
+    flat = _flat(params, name)
+    frozen = {path: False for path in flat}
+    for pattern in _parse_freeze(freeze):
+        if pattern == NO_FREEZE:
+            continue
+        if pattern == BACKBONE:
+            head = _flat_head(name, flat)
+            matched = [path for path in flat if not head[path]]
+        else:
+            matched = [path for path in flat if _matches(pattern, path)]
+            if not matched:
+                raise ValueError(f"{name}: freeze pattern {pattern!r} matches no parameter; "
+                                 f"top-level modules: {', '.join(_top_level(flat))}")
+        frozen.update(dict.fromkeys(matched, True))
+    if all(frozen.values()):
+        raise ValueError(f"{name}: freeze {_as_text(freeze)!r} leaves nothing trainable "
+                         f"(all {len(flat)} parameter arrays frozen)")
+    return traverse_util.unflatten_dict({path: not is_frozen for path, is_frozen in frozen.items()})
+
+
+def head_mask(name: str, params: PyTree) -> PyTree:
+    """A bool pytree like ``params``: True on the classifier head (``get_spec(name).head``, GoogLeNet's
+    auxiliary heads included when present), the part a new task re-initializes."""
+    return traverse_util.unflatten_dict(_flat_head(name, _flat(params, name)))
+
+
+def frozen_modules(name: str, mask: PyTree) -> tuple[str, ...]:
+    """The ``frozen_norm`` argument of ``model.apply``: module paths covering exactly the BatchNorm layers
+    whose parameters are all frozen, so they normalize with their running statistics and never update them.
+
+    Paths are merged upwards where every BatchNorm below is frozen (ResNet-18 with a frozen backbone gives
+    ``('bn1', 'layer1', 'layer2', 'layer3', 'layer4')``). ``name`` is accepted for symmetry with the other
+    functions and for error messages.
+    """
+    flat = _flat(mask, name)
+    # A BatchNorm is the module that owns a 'scale' (convs and linears own a 'kernel').
+    norms = {path[:-1] for path in flat if path[-1] == "scale"}
+    norm_frozen = {norm: not any(v for p, v in flat.items() if p[:-1] == norm) for norm in norms}
+
+    def all_frozen_under(prefix: Path) -> bool:
+        return all(frozen for norm, frozen in norm_frozen.items() if norm[:len(prefix)] == prefix)
+
+    covered: list[str] = []
+    for norm in sorted(norm for norm, frozen in norm_frozen.items() if frozen):
+        # The shortest (never empty) prefix whose BatchNorms are all frozen.
+        prefix = next(norm[:k] for k in range(1, len(norm) + 1) if all_frozen_under(norm[:k]))
+        joined = "/".join(prefix)
+        if joined not in covered:
+            covered.append(joined)
+    return tuple(covered)
+
+
+def build_optimizer(base_tx: optax.GradientTransformation, mask: PyTree, *, head_mask: PyTree | None = None,
+                    backbone_lr_mult: float = 1.0, lr_mults: PyTree | None = None) -> optax.GradientTransformation:
+    """Wrap ``base_tx`` so that frozen leaves get a zero update and no optimizer state.
+
+    With ``backbone_lr_mult != 1`` (which needs ``head_mask``), trainable leaves outside the head get
+    ``base_tx``'s update scaled by the multiplier: a discriminative learning rate, as torch parameter
+    groups with ``lr * mult`` (weight decay included, since optax folds it into the update).
+    ``lr_mults`` (a float per leaf, e.g. ``layerwise_lr_mults``) multiplies on top of that.
+    """
+    if backbone_lr_mult <= 0:
+        raise ValueError(f"backbone_lr_mult must be > 0, got {backbone_lr_mult} (freeze the backbone instead)")
+    if backbone_lr_mult != 1.0 and head_mask is None:
+        raise ValueError("backbone_lr_mult needs head_mask to tell the head from the backbone")
+    head_mask = jax.tree.map(lambda _: True, mask) if head_mask is None else head_mask
+    lr_mults = jax.tree.map(lambda _: 1.0, mask) if lr_mults is None else lr_mults
+
+    def effective(head: bool, mult: float) -> float:
+        return float(mult) * (1.0 if head else backbone_lr_mult)
+
+    mults = jax.tree.map(effective, head_mask, lr_mults)
+    labels = jax.tree.map(lambda trainable, mult: f"lr x {mult:.6g}" if trainable else FROZEN, mask, mults)
+    transforms = {FROZEN: optax.set_to_zero()}
+    for label, mult in zip(jax.tree.leaves(labels), jax.tree.leaves(mults), strict=True):
+        if label == FROZEN or label in transforms:
+            continue
+        if mult <= 0:
+            raise ValueError(f"learning-rate multipliers must be > 0, got {mult} (freeze those parameters instead)")
+        transforms[label] = base_tx if mult == 1.0 else optax.chain(base_tx, optax.scale(mult))
+    return optax.partition(transforms, labels)
+
+
+def layerwise_lr_mults(name: str, params: PyTree, decay: float) -> PyTree:
+    """Layer-wise learning-rate decay (as BEiT/ELECTRA): the head gets 1, the backbone's last block
+    ``decay``, the one before ``decay**2``, ... down to the stem, in forward order.
+
+    A block is a top-level module (``conv1``, ``inception4a``) or a numbered child of a torch Sequential
+    (``layer3/1``, ``features/7``, ``classifier/4``); pass the result to ``build_optimizer(lr_mults=...)``.
+    """
+    if not 0 < decay <= 1:
+        raise ValueError(f"layer decay must be in (0, 1], got {decay}")
+    flat = _flat(params, name)
+    head = _flat_head(name, flat)
+    backbone_blocks = {_block(path[:-1]) for path in flat if not head[path]}
+    blocks = [block for block in _forward_order(name) if block in backbone_blocks]
+    depth = {block: len(blocks) - i for i, block in enumerate(blocks)}
+    return traverse_util.unflatten_dict({p: 1.0 if head[p] else decay ** depth[_block(p[:-1])] for p in flat})
+
+
+def stop_frozen_gradients(params: PyTree, mask: PyTree) -> PyTree:
+    """``params`` with ``jax.lax.stop_gradient`` on frozen leaves: call inside the loss so that no backward
+    pass is computed through a frozen prefix of the network."""
+    return jax.tree.map(lambda p, trainable: p if trainable else jax.lax.stop_gradient(p), params, mask)
+
+
+def describe(params: PyTree, mask: PyTree) -> str:
+    """``'frozen 11.2M / trainable 5.1k params'``: for the training log."""
+    flat_mask = traverse_util.flatten_dict(mask)
+    sizes = {path: int(np.size(p)) for path, p in traverse_util.flatten_dict(params).items()}
+    trainable = sum(size for path, size in sizes.items() if flat_mask[path])
+    frozen = sum(sizes.values()) - trainable
+    return f"frozen {_human(frozen)} / trainable {_human(trainable)} params"
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _flat(tree: PyTree, name: str) -> dict[Path, Any]:
+    if not isinstance(tree, Mapping) or not tree:
+        raise ValueError(f"{name}: expected a non-empty dict of parameters, got {type(tree).__name__}")
+    if "params" in tree and set(tree) <= {"params", "batch_stats"}:
+        raise ValueError(f"{name}: pass variables['params'], not the whole variables dict")
+    return traverse_util.flatten_dict(tree)
+
+
+def _flat_head(name: str, flat: dict[Path, Any]) -> dict[Path, bool]:
+    spec = get_spec(name)
+    classifier, *others = [tuple(module.split("/")) for module in spec.head]
+    if not any(path[:len(classifier)] == classifier for path in flat):
+        raise ValueError(f"{name}: parameters have no classifier {spec.classifier!r}; "
+                         f"top-level modules: {', '.join(_top_level(flat))}")
+    return {path: any(path[:len(m)] == m for m in (classifier, *others)) for path in flat}
+
+
+def _block(module: Path) -> str:
+    """The block of a module: its top-level module, or a numbered child of a Sequential container."""
+    return "/".join(module[:2]) if len(module) > 1 and module[1].isdigit() else module[0]
+
+
+@functools.cache
+def _forward_order(name: str) -> tuple[str, ...]:
+    """Blocks in the order the forward pass calls them (traced abstractly, nothing is computed)."""
+    model = create_model(name)
+    calls: list[str] = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and context.module.path:
+            calls.append(_block(tuple(context.module.path)))
+        return next_fun(*args, **kwargs)
+
+    size = max(224, *get_spec(name).weights.min_size)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+    return tuple(dict.fromkeys(calls))
+
+
+def _parse_freeze(freeze: str | Sequence[str]) -> list[str]:
+    items = freeze.split(",") if isinstance(freeze, str) else list(freeze)
+    patterns = [item.strip().replace(".", "/").strip("/") for item in items]
+    if not patterns or not all(patterns):
+        raise ValueError(f"freeze {_as_text(freeze)!r}: empty pattern; use 'none', 'backbone' or module paths")
+    if NO_FREEZE in patterns and len(patterns) > 1:
+        raise ValueError(f"freeze {_as_text(freeze)!r}: 'none' cannot be combined with other patterns")
+    return patterns
+
+
+def _matches(pattern: str, path: Path) -> bool:
+    return any(fnmatch.fnmatchcase("/".join(path[:k]), pattern) for k in range(1, len(path) + 1))
+
+
+def _top_level(flat: dict[Path, Any]) -> list[str]:
+    return list(dict.fromkeys(path[0] for path in flat))
+
+
+def _as_text(freeze: str | Sequence[str]) -> str:
+    return freeze if isinstance(freeze, str) else ",".join(freeze)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
