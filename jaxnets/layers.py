@@ -76,18 +76,33 @@ class Conv2d(nn.Module):
             raise ValueError(f"{self.name}: {in_features} input channels not divisible by groups={self.groups}")
         kernel = self.param("kernel", self.kernel_init, (kh, kw, in_features // self.groups, self.features))
         pad = _pair(self.padding)
-        y = lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype),
-            window_strides=_pair(self.stride),
-            padding=[(pad[0], pad[0]), (pad[1], pad[1])],
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups,
-        )
+        if (kh, kw) == (1, 1) and self.groups == 1 and pad == (0, 0):
+            y = pointwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), _pair(self.stride))
+        else:
+            y = lax.conv_general_dilated(
+                x.astype(self.dtype), kernel.astype(self.dtype),
+                window_strides=_pair(self.stride),
+                padding=[(pad[0], pad[0]), (pad[1], pad[1])],
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=self.groups,
+            )
         if self.use_bias:
             fan_in = kh * kw * in_features // self.groups
             bias_init = self.bias_init or torch_default_bias_init(fan_in)
             y = y + self.param("bias", bias_init, (self.features,)).astype(self.dtype)
         return y
+
+
+def pointwise_conv(x: Array, kernel: Array, stride: tuple[int, int]) -> Array:
+    """A 1x1 convolution as a matrix product over the channel axis.
+
+    Same numbers as the convolution, but its gradients are plain matrix products too: XLA's CPU
+    backend computes a 1x1 convolution's kernel gradient through a batch-last transposed copy of
+    the activations, which cost a quarter of a ResNet-50 training step.
+    """
+    if stride != (1, 1):
+        x = x[:, ::stride[0], ::stride[1], :]
+    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
 
 
 class Linear(nn.Module):
@@ -148,7 +163,7 @@ class TorchBatchNorm(nn.Module):
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            xf = x.astype(jnp.float32)
+            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 -> float32, float64 stays
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(xf, axes)
             # E[(x - mean)^2] is numerically safer than E[x^2] - mean^2 in float32.

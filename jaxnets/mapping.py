@@ -71,7 +71,7 @@ def to_torch_state_dict(name: str, variables: Mapping[str, Any]) -> dict[str, np
     flat = traverse_util.flatten_dict({c: variables[c] for c in ("params", "batch_stats") if c in variables})
     state: dict[str, np.ndarray] = {}
     for path, value in flat.items():
-        state[torch_key("/".join(path[1:-1]), path[-1])] = _to_torch(spec, path, np.asarray(value, np.float32))
+        state[torch_key("/".join(path[1:-1]), path[-1])] = _to_torch(spec, path, np.asarray(value))
         if path[0] == "batch_stats" and path[-1] == "mean":
             state[".".join(path[1:-1]) + IGNORED_SUFFIX] = np.array(0, np.int64)
     return state

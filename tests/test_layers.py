@@ -50,7 +50,8 @@ def test_adaptive_avg_pool_matches_torch_bins():
                                    err_msg=f"{h}x{w}->{out}")
 
 
-@pytest.mark.parametrize("kernel,stride,padding,groups", [(7, 2, 3, 1), (3, 2, 1, 1), (11, 4, 2, 1), (3, 2, 1, 4)])
+@pytest.mark.parametrize("kernel,stride,padding,groups",
+                         [(7, 2, 3, 1), (3, 2, 1, 1), (11, 4, 2, 1), (3, 2, 1, 4), (1, 1, 0, 1), (1, 2, 0, 1)])
 def test_conv_pads_symmetrically_like_torch(kernel, stride, padding, groups):
     conv = layers.Conv2d(8, kernel, stride, padding, groups)
     for size in (kernel, 15, 16, 33):

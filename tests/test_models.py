@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import traverse_util
@@ -146,3 +147,42 @@ def test_pre_logits_are_the_classifier_input(name):
         classifier = classifier[part]
     logits = features @ classifier["kernel"] + classifier["bias"]
     assert max_rel_error(logits, eval_logits(model, variables, x)) <= TOL
+
+
+LOSS_WEIGHTS = (1.0, 0.3, 0.3)  # logits, then GoogLeNet's two aux logits, as in the paper
+
+
+def torch_gradients(torch_model, x, labels) -> dict[str, np.ndarray]:
+    """Train-mode gradients of cross-entropy in float64."""
+    model = copy.deepcopy(torch_model).double().train()
+    out = model(nchw(x).double())
+    outs = tuple(out) if isinstance(out, tuple) else (out,)
+    weighted = zip(LOSS_WEIGHTS[:len(outs)], outs, strict=True)
+    loss = sum(w * torch.nn.functional.cross_entropy(o, torch.from_numpy(labels)) for w, o in weighted)
+    loss.backward()
+    return {k: p.grad.numpy() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", FAMILY_FIRST + [p for p in MODELS if p.values[0] in ("resnet50", "vgg11_bn")])
+def test_train_mode_gradients_equal_torchvision_in_float64(name):
+    """The backward pass (GoogLeNet: main + 0.3 x aux losses) is torchvision's. Compared in float64:
+    in float32, train-mode BatchNorm over a small batch makes deep nets' gradients so ill-conditioned
+    that torchvision's own float32 gradients differ from its float64 ones by up to ~1e-2."""
+    torch_model, _, variables, _ = case(name)
+    x = images(4, 64, 72, seed=4).astype(np.float64)
+    labels = np.random.default_rng(4).integers(0, 1000, 4)
+    with jax.enable_x64(True):
+        model = jaxnets.create_model(name, dtype=jnp.float64, **jax_options(name))
+        params = jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"])
+
+        def loss_fn(params):
+            out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+            outs = tuple(out) if isinstance(out, tuple) else (out,)
+            weighted = zip(LOSS_WEIGHTS[:len(outs)], outs, strict=True)
+            return sum(w * optax.softmax_cross_entropy_with_integer_labels(o, labels).mean() for w, o in weighted)
+
+        grads = jaxnets.to_torch_state_dict(name, {"params": jax.jit(jax.grad(loss_fn))(params)})
+    expected = torch_gradients(torch_model, x, labels)
+    assert grads.keys() == expected.keys()
+    for key, value in expected.items():
+        assert max_rel_error(grads[key], value) <= 1e-9, key

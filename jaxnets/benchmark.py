@@ -1,0 +1,603 @@
+"""``python -m jaxnets.benchmark``: jaxnets against torchvision's eager models, timed in one run.
+
+Speed claims are only worth something side by side on the same machine, so every number here
+comes with its torchvision counterpart measured by the same process (same batch, same values,
+same threads, same dtype), and with how close the step comes to the hardware: FLOPs from XLA's
+cost analysis against a large matmul timed in the same run.
+
+    python -m jaxnets.benchmark --model resnet50 --batch-size 16 --mode both --compare-torch
+    python -m jaxnets.benchmark --all --compare-torch --output benchmark.md
+
+What is timed is ``jaxnets.training``'s jitted, state-donating train step (SGD, momentum 0.9; with
+``probe`` the backbone frozen as ``--freeze backbone`` does) or the jitted eval forward, after
+warm-up (median of ``--iters`` calls, each ending in ``jax.block_until_ready``), against torch's
+``train()`` step (forward, cross-entropy, backward, SGD with momentum) and ``eval()`` +
+``inference_mode`` forward. The steps take turns, so a machine whose load changes during the run
+slows both alike and the ratio holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnets import parallel, training, transfer
+from jaxnets.registry import create_model, get_spec, list_models
+
+MODES = ("train", "infer", "probe")
+MODE_CHOICES = {"train": ("train",), "infer": ("infer",), "probe": ("probe",),
+                "both": ("train", "infer"), "all": MODES}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+AUX_LOSS_WEIGHT = 0.3  # torchvision's reference recipe for GoogLeNet's auxiliary heads
+# XLA flags the benchmark sets before JAX starts its backend. None, on measurement: on XLA:CPU
+# (jax 0.10) --xla_cpu_use_onednn, --xla_cpu_use_xnnpack, --xla_cpu_enable_fast_math and
+# --xla_cpu_use_fusion_emitters=false left a ResNet-50 training step's CPU time within 5% (noise).
+CPU_XLA_FLAGS: tuple[str, ...] = ()
+
+
+# --- environment ------------------------------------------------------------------------
+
+
+def configure_xla_flags(flags: Sequence[str] = CPU_XLA_FLAGS) -> None:
+    """Append ``flags`` to ``XLA_FLAGS``; only effective before JAX initializes its backend."""
+    current = os.environ.get("XLA_FLAGS", "")
+    missing = [f for f in flags if f.split("=")[0] not in current]
+    if missing:
+        os.environ["XLA_FLAGS"] = " ".join([current, *missing]).strip()
+
+
+def num_threads() -> int:
+    """Cores this process may run on: XLA's CPU thread pool size, and what torch is given."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def device_description() -> str:
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return f"{jax.device_count()} x {device.device_kind} ({device.platform})"
+    import platform
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {num_threads()} cores"
+
+
+# --- timing -------------------------------------------------------------------------------
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, iters: int) -> list[float]:
+    """Seconds per call of ``fn`` (which must block until its work is done), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_probe(dtype: Any = jnp.float32, size: int | None = None) -> tuple[Callable[[], Any], float]:
+    """A large square matmul and its FLOPs: what this device does on dense math, the yardstick of
+    the fraction of peak. Timed alongside the steps, it sees the same machine load they do."""
+    size = size or (8192 if jax.default_backend() != "cpu" else 2048)
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (size, size), dtype)
+    b = jax.random.normal(kb, (size, size), dtype)
+    matmul = jax.jit(jnp.matmul)
+    return (lambda: matmul(a, b).block_until_ready()), 2.0 * size**3
+
+
+def peak_memory() -> tuple[int, str]:
+    """Peak bytes in use: the device allocator's count where it keeps one (GPU), else the process max RSS."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process max RSS"
+
+
+def compiled_flops(compiled: Any) -> float | None:
+    """FLOPs per call from XLA's cost analysis (a dict, or a list of one dict in older JAX)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+# --- jaxnets steps: the training library's own ---------------------------------------------
+
+
+def synthetic_batch(batch_size: int, image_size: int, num_classes: int = 1000, seed: int = 0):
+    """The same images and labels for both frameworks (numpy NHWC float32, int64 labels)."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch_size, image_size, image_size, 3), dtype=np.float32)
+    return images, rng.integers(0, num_classes, batch_size)
+
+
+class JaxSetup(NamedTuple):
+    """A ready-to-time step: ``call()`` runs one step, blocks, and returns its output (the loss when
+    training); ``state()`` is the current variables or ``TrainState``; ``compiled`` is for cost analysis."""
+
+    call: Callable[[], Any]
+    state: Callable[[], Any]
+    compiled: Any
+    compile_s: float
+
+
+def setup_jax(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtype: Any,
+              learning_rate: float = 0.01) -> JaxSetup:
+    """The model, its variables and the jitted step for ``mode``, compiled (and the compile timed).
+
+    Training is ``jaxnets.training``'s step (data-parallel over all devices, state donated) with SGD
+    and momentum 0.9; ``probe`` freezes the backbone with ``jaxnets.transfer``, as ``--freeze backbone``.
+    """
+    model = create_model(name, dtype=dtype)
+    mesh = parallel.make_mesh()
+    variables = training.init_variables(model, images.shape[1], 0, mesh)
+    batch = parallel.to_global({"image": images, "label": labels.astype(np.int32)}, mesh)
+    if mode == "infer":
+        step = jax.jit(partial(model.apply, train=False))
+        start = time.perf_counter()
+        compiled = step.lower(variables, batch["image"]).compile()
+        compile_s = time.perf_counter() - start
+        return JaxSetup(lambda: jax.block_until_ready(compiled(variables, batch["image"])), lambda: variables,
+                        compiled, compile_s)
+
+    sgd = optax.sgd(learning_rate, momentum=0.9)
+    if mode == "probe":
+        mask = transfer.trainable_mask(name, variables["params"], "backbone")
+        state = training.create_train_state(model, variables, transfer.build_optimizer(sgd, mask), mesh, seed=1,
+                                            frozen_norm=transfer.frozen_modules(name, mask), trainable_mask=mask)
+    else:
+        state = training.create_train_state(model, variables, sgd, mesh, seed=1)
+    step = training.make_train_step(mesh, aux_weight=AUX_LOSS_WEIGHT)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = [state]  # the step donates the state it is given: keep only the newest
+
+    def call() -> jax.Array:
+        holder[0], metrics = compiled(holder[0], batch)
+        return jax.block_until_ready(metrics["loss"])
+    return JaxSetup(call, lambda: holder[0], compiled, compile_s)
+
+
+# --- torchvision steps -----------------------------------------------------------------------
+
+
+def setup_torch(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtype: str,
+                threads: int) -> Callable[[], None]:
+    """torchvision's eager model on the same values: ``train()`` + SGD step, or ``eval()`` + inference_mode."""
+    import torch
+    import torchvision
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    kwargs = {"init_weights": True} if name == "googlenet" else {}  # silences torchvision's init warning
+    model = torchvision.models.get_model(name, weights=None, **kwargs).to(device)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    y = torch.from_numpy(labels).to(device)
+    # Same semantics as jaxnets' dtype: float32 parameters, bfloat16 compute.
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    if mode == "infer":
+        model.eval()
+
+        def infer():
+            with torch.inference_mode(), autocast:
+                model(x)
+            sync()
+        return infer
+
+    model.train()
+    if mode == "probe":
+        _freeze_torch_backbone(model, get_spec(name).head)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+
+    def loss_fn(outputs):
+        if isinstance(outputs, tuple):  # GoogLeNetOutputs(logits, aux_logits2, aux_logits1)
+            main, aux2, aux1 = outputs
+            return loss_fn(main) + AUX_LOSS_WEIGHT * (loss_fn(aux1) + loss_fn(aux2))
+        return torch.nn.functional.cross_entropy(outputs.float(), y)
+
+    def train():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn(model(x))
+        loss.backward()
+        optimizer.step()
+        sync()
+    return train
+
+
+def _freeze_torch_backbone(model: Any, head: Sequence[str]) -> None:
+    """torch's linear probe: no gradients outside the head, backbone BatchNorms in eval mode."""
+    import torch
+
+    prefixes = tuple(h.replace("/", ".") for h in head)
+
+    def in_head(module_name: str) -> bool:
+        return any(module_name == p or module_name.startswith(p + ".") for p in prefixes)
+
+    for param_name, param in model.named_parameters():
+        param.requires_grad_(in_head(param_name.rsplit(".", 1)[0]))
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not in_head(module_name):
+            module.eval()
+
+
+# --- one model ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    """One model and mode: the jaxnets step, and torchvision's where compared (timed interleaved)."""
+
+    model: str
+    mode: str
+    batch_size: int
+    image_size: int
+    dtype: str
+    step_s: float
+    compile_s: float
+    flops: float | None = None
+    step_memory_bytes: int | None = None
+    torch_step_s: float | None = None
+    peak_flops: float | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch_size / self.step_s
+
+    @property
+    def torch_images_per_s(self) -> float | None:
+        return self.batch_size / self.torch_step_s if self.torch_step_s else None
+
+    @property
+    def ratio(self) -> float | None:
+        """jaxnets images/s over torchvision images/s: above 1 means jaxnets is faster."""
+        return self.torch_step_s / self.step_s if self.torch_step_s else None
+
+    @property
+    def achieved_flops(self) -> float | None:
+        return self.flops / self.step_s if self.flops else None
+
+    @property
+    def peak_fraction(self) -> float | None:
+        achieved = self.achieved_flops
+        return achieved / self.peak_flops if achieved and self.peak_flops else None
+
+    def as_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for key in ("images_per_s", "torch_images_per_s", "ratio", "achieved_flops", "peak_fraction"):
+            data[key] = getattr(self, key)
+        return data
+
+
+def time_interleaved(fns: Sequence[Callable[[], Any]], warmup: int, iters: int) -> list[float]:
+    """Median seconds per call of each of ``fns``, calling them in turn, so that a machine whose load
+    changes during the run (shared CI, other jobs) slows all of them alike and their ratio holds."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(warmup + iters):
+        for fn, fn_times in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def step_memory(compiled: Any) -> int | None:
+    """Bytes XLA allocates for one step: arguments, outputs and temporaries (donated buffers counted once)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if stats is None:
+        return None
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+               - stats.alias_size_in_bytes)
+
+
+def benchmark_model(name: str, mode: str, batch_size: int, image_size: int, dtype: str = "float32",
+                    iters: int = 10, warmup: int = 2, compare_torch: bool = False,
+                    peak_size: int | None = None) -> Result:
+    """Time ``mode`` ('train', 'infer' or 'probe') for jaxnets, for torchvision when compared, and a
+    ``peak_size`` square matmul (the peak), taking turns in one process."""
+    if mode not in MODES:
+        raise ValueError(f"--mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    images, labels = synthetic_batch(batch_size, image_size)
+    setup = setup_jax(name, mode, images, labels, DTYPES[dtype])
+    matmul, matmul_flops = matmul_probe(DTYPES[dtype], peak_size)
+    steps = [setup.call, matmul]
+    if compare_torch:
+        steps.append(setup_torch(name, mode, images, labels, dtype, num_threads()))
+    step_s, matmul_s, *torch_step_s = time_interleaved(steps, warmup, iters)
+    return Result(name, mode, batch_size, image_size, dtype, step_s, setup.compile_s, compiled_flops(setup.compiled),
+                  step_memory(setup.compiled), torch_step_s[0] if torch_step_s else None, matmul_flops / matmul_s)
+
+
+# --- compile cache: time to first step in a fresh process --------------------------------------
+
+
+def first_step(name: str, mode: str, batch_size: int, image_size: int, dtype: str = "float32") -> dict:
+    """Seconds from building the model to the start (``ready_s``: variables, state and compiled step
+    ready) and to the end of its first step, and how many executables came from the persistent cache
+    (``cache_hits``) or were compiled (``cache_misses``)."""
+    counts = {"/jax/compilation_cache/cache_hits": 0, "/jax/compilation_cache/cache_misses": 0}
+
+    def count(event: str, **_: Any) -> None:
+        if event in counts:
+            counts[event] += 1
+    jax.monitoring.register_event_listener(count)
+    try:
+        images, labels = synthetic_batch(batch_size, image_size)
+        start = time.perf_counter()
+        setup = setup_jax(name, mode, images, labels, DTYPES[dtype])
+        ready = time.perf_counter() - start
+        setup.call()
+        elapsed = time.perf_counter() - start
+    finally:
+        jax.monitoring.unregister_event_listener(count)
+    return {"ready_s": ready, "first_step_s": elapsed, "compile_s": setup.compile_s,
+            "cache_hits": counts["/jax/compilation_cache/cache_hits"],
+            "cache_misses": counts["/jax/compilation_cache/cache_misses"]}
+
+
+def compile_cache_times(name: str, mode: str, batch_size: int, image_size: int, dtype: str = "float32",
+                        cache_dir: str | os.PathLike | None = None) -> dict:
+    """Run the same first step in two fresh processes sharing a compilation cache: cold, then warm.
+
+    Returns ``{'cold': {...}, 'warm': {...}}``, each with ``first_step_s``, ``compile_s`` and
+    ``process_s`` (the whole process, Python and JAX start-up included).
+    """
+    with tempfile.TemporaryDirectory(prefix="jaxnets-cache-") as fresh:
+        cache = os.fspath(cache_dir or fresh)
+        command = [sys.executable, "-m", "jaxnets.benchmark", "--first-step", "--model", name, "--mode", mode,
+                   "--batch-size", str(batch_size), "--image-size", str(image_size), "--dtype", dtype,
+                   "--cache-dir", cache]
+        times = {}
+        for run in ("cold", "warm"):
+            start = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise RuntimeError(f"first-step run failed: {done.stderr.strip().splitlines()[-1:]}")
+            times[run] = {**json.loads(done.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - start}
+    return times
+
+
+# --- input pipeline ----------------------------------------------------------------------------
+
+
+def write_jpeg_folder(directory: str | os.PathLike, count: int = 64, size: int = 224, seed: int = 0) -> list[Path]:
+    """Smooth random JPEGs (noise would decode unrealistically slowly), ``count`` of them, ``size`` px."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((size, size), Image.BILINEAR)
+        path = Path(directory) / f"{i:05d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def jpeg_files(data_dir: str | os.PathLike) -> list[str]:
+    files = sorted(str(p) for p in Path(data_dir).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not files:
+        raise ValueError(f"--data-dir: no .jpg/.jpeg files under {data_dir}")
+    return files
+
+
+def jpeg_train_pipeline(files: Sequence[str], batch_size: int, image_size: int, num_images: int = -1):
+    """tf.data's ImageNet training input: decode + random-resized crop (fused), flip, normalize,
+    in parallel, batched and prefetched; ``num_images`` cycles over ``files`` (-1: forever).
+    A minimal stand-in until ``jaxnets.data`` provides one."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators JAX uses
+    mean = tf.constant([0.485, 0.456, 0.406]) * 255
+    std = tf.constant([0.229, 0.224, 0.225]) * 255
+
+    def load(path):
+        data = tf.io.read_file(path)
+        begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
+            tf.image.extract_jpeg_shape(data), tf.zeros([0, 0, 4]), min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+            use_image_if_no_bounding_boxes=True)
+        offset_y, offset_x, _ = tf.unstack(begin)
+        height, width, _ = tf.unstack(crop_size)
+        image = tf.io.decode_and_crop_jpeg(data, tf.stack([offset_y, offset_x, height, width]), channels=3)
+        image = tf.image.resize(image, (image_size, image_size), "bilinear")
+        image = tf.image.random_flip_left_right(image)
+        return (image - mean) / std
+
+    dataset = tf.data.Dataset.from_tensor_slices(list(files)).repeat().take(num_images)
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def input_pipeline_throughput(data_dir: str | os.PathLike | None = None, batch_size: int = 32,
+                              image_size: int = 224, batches: int = 20) -> dict:
+    """Images/s the JPEG pipeline delivers as numpy batches on this host (and per core), after warm-up."""
+    warmup = 3
+    with tempfile.TemporaryDirectory(prefix="jaxnets-jpegs-") as tmp:
+        files = jpeg_files(data_dir) if data_dir else [str(p) for p in write_jpeg_folder(tmp, size=image_size)]
+        # A finite pipeline, read to its end: no reader is left running when the folder goes away.
+        pipeline = jpeg_train_pipeline(files, batch_size, image_size, (warmup + batches) * batch_size)
+        batches_iter = pipeline.as_numpy_iterator()
+        for _ in range(warmup):
+            next(batches_iter)
+        start = time.perf_counter()
+        for _ in batches_iter:
+            pass
+        images_per_s = batches * batch_size / (time.perf_counter() - start)
+    cores = num_threads()
+    return {"images_per_s": images_per_s, "images_per_s_per_core": images_per_s / cores, "cores": cores,
+            "source": os.fspath(data_dir) if data_dir else f"{len(files)} generated {image_size}px JPEGs"}
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "–" if value is None else format(value / scale, spec)
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    """One row per model and mode: jaxnets and torchvision images/s, their ratio, and the roofline."""
+    header = ("| model | mode | batch | size | dtype | jaxnets img/s | torchvision img/s | jaxnets/torch "
+              "| step ms | compile s | GFLOP/step | GFLOP/s | % of peak | XLA MiB |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        lines.append(
+            f"| {r.model} | {r.mode} | {r.batch_size} | {r.image_size} | {r.dtype} | {r.images_per_s:.1f} "
+            f"| {_fmt(r.torch_images_per_s, '.1f')} | {_fmt(r.ratio, '.2f')} | {r.step_s * 1e3:.0f} "
+            f"| {r.compile_s:.1f} | {_fmt(r.flops, '.1f', 1e9)} | {_fmt(r.achieved_flops, '.0f', 1e9)} "
+            f"| {_fmt(r.peak_fraction, '.0%', 1.0)} | {_fmt(r.step_memory_bytes, '.0f', 2**20)} |")
+    return "\n".join(lines)
+
+
+def report(results: Sequence[Result], context: dict) -> str:
+    """The markdown report: where and how it was measured, the table, then the run-level numbers."""
+    lines = [f"Measured {context['date']} on {context['device']} (jax {jax.__version__}"
+             + (f", torch {context['torch']}" if context.get("torch") else "") + ").",
+             f"Command: `{context['command']}`", "",
+             f"Peak {context['dtype']} matmul (timed between the steps): {context['peak_flops'] / 1e9:.0f} GFLOP/s. "
+             f"Peak memory: {context['memory_bytes'] / 2**20:.0f} MiB ({context['memory_source']}).", "",
+             markdown_table(results)]
+    if "compile_cache" in context:
+        cold, warm = context["compile_cache"]["cold"], context["compile_cache"]["warm"]
+        lines += ["", f"Persistent compilation cache ({context['model']} {context['cache_mode']}): the first step "
+                  f"starts {cold['ready_s']:.1f} s after building the model cold (compile {cold['compile_s']:.1f} s), "
+                  f"{warm['ready_s']:.1f} s warm (compile {warm['compile_s']:.1f} s, "
+                  f"{warm['cache_hits']} of {cold['cache_misses']} executables from the cache); "
+                  f"whole process {cold['process_s']:.1f} s / {warm['process_s']:.1f} s."]
+    if "input_pipeline" in context:
+        pipe = context["input_pipeline"]
+        lines += ["", f"Input pipeline ({pipe['source']}, decode + random-resized crop + flip + normalize): "
+                  f"{pipe['images_per_s']:.0f} images/s, {pipe['images_per_s_per_core']:.0f} per core "
+                  f"({pipe['cores']} cores)."]
+        train = [r for r in results if r.mode == "train"]
+        if train:
+            slowest_needed = max(r.images_per_s for r in train)
+            bound = "data loading" if pipe["images_per_s"] < slowest_needed else "compute"
+            lines.append(f"Fastest training step consumes {slowest_needed:.0f} images/s: {bound} bounds training.")
+    return "\n".join(lines)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxnets.benchmark", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50", help="model name (see jaxnets.list_models())")
+    parser.add_argument("--all", action="store_true", help="every registered model; writes --output")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--mode", choices=tuple(MODE_CHOICES), default="both",
+                        help="train: SGD step; infer: eval forward; probe: frozen-backbone (linear-probe) step; "
+                             "both: train + infer; all: train + infer + probe")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype")
+    parser.add_argument("--compare-torch", action="store_true", help="time torchvision's eager model too")
+    parser.add_argument("--iters", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="persistent compilation cache (default: the training library's, under ~/.cache/jaxnets)")
+    parser.add_argument("--skip-cache-check", action="store_true",
+                        help="do not time the first step in two fresh processes (cold / warm cache)")
+    parser.add_argument("--skip-input-pipeline", action="store_true", help="do not time the JPEG input pipeline")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="JPEG folder for the input-pipeline timing (default: generated JPEGs)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="write the markdown report here (--all: default benchmark.md)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--first-step", action="store_true", help=argparse.SUPPRESS)  # child of the cache check
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "image_size", "iters"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    if args.model not in list_models():
+        parser.error(f"--model: unknown model {args.model!r}; choose from {', '.join(list_models())}")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        parser.error(f"--data-dir: {args.data_dir} is not a directory")
+    if args.all and args.output is None:
+        args.output = Path("benchmark.md")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_xla_flags()  # before anything below starts JAX's backend
+    training.setup_compilation_cache(os.fspath(args.cache_dir) if args.cache_dir else None)
+    if args.first_step:
+        mode = MODE_CHOICES[args.mode][0]
+        print(json.dumps(first_step(args.model, mode, args.batch_size, args.image_size, args.dtype)))
+        return 0
+
+    models = list_models() if args.all else [args.model]
+    modes = MODE_CHOICES[args.mode]
+    results = []
+    for name in models:
+        for mode in modes:
+            result = benchmark_model(name, mode, args.batch_size, args.image_size, args.dtype, args.iters,
+                                     args.warmup, args.compare_torch)
+            print(markdown_table([result]).splitlines()[-1], flush=True)
+            results.append(result)
+    memory_bytes, memory_source = peak_memory()
+    context = {"date": time.strftime("%Y-%m-%d"), "device": device_description(), "dtype": args.dtype,
+               "command": " ".join(["python -m jaxnets.benchmark", *(argv if argv is not None else sys.argv[1:])]),
+               "peak_flops": max(r.peak_flops for r in results),
+               "memory_bytes": memory_bytes, "memory_source": memory_source,
+               "model": args.model, "cache_mode": modes[0]}
+    if args.compare_torch:
+        import torch
+        context["torch"] = torch.__version__
+    if not args.skip_cache_check:
+        context["compile_cache"] = compile_cache_times(args.model, modes[0], args.batch_size, args.image_size,
+                                                       args.dtype)
+    if not args.skip_input_pipeline:
+        context["input_pipeline"] = input_pipeline_throughput(args.data_dir, args.batch_size)
+    text = report(results, context)
+    print("\n" + text)
+    if args.output:
+        args.output.write_text(text + "\n", encoding="utf-8")
+    if args.json:
+        args.json.write_text(json.dumps({"context": context, "results": [r.as_dict() for r in results]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

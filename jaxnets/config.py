@@ -1,0 +1,144 @@
+"""One training run's settings, resolved: every default that depends on the model or the dataset is
+filled in before the run starts, so ``config.json`` records what actually ran."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jaxnets.data import DIGITS, DataConfig
+from jaxnets.registry import get_spec
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step")
+DTYPES = ("float32", "bfloat16")
+# The learning rate is given for a global batch of this many images and scaled linearly with the
+# batch size (Goyal et al. 2017, "Accurate, Large Minibatch SGD"; as flax's imagenet example).
+LR_REFERENCE_BATCH = 256
+# Settings a resumed run must share with the checkpoint it resumes: anything else changes what a
+# step means (the model, the data, how it is batched) and would make the resumed run a different run.
+RESUME_KEYS = ("model", "dataset", "classes", "image_size", "batch_size", "seed", "no_aux", "num_classes")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of ``train.py``; ``None`` means "resolved from the model and the dataset"."""
+
+    model: str = "resnet34"
+    dataset: str = DIGITS
+    data_dir: str | None = None
+    workdir: str | None = None  # default runs/<model>-<dataset>
+    image_size: int | None = None  # digits: 16 (VGG 32, AlexNet 64); else the weights' crop size (224)
+    batch_size: int | None = None  # global, over all devices and processes; digits 32, else 128
+    eval_batch_size: int | None = None  # default batch_size
+    epochs: int | None = None  # digits: 8; else 90
+    steps: int | None = None  # stop after this many steps in total (smoke runs); the schedule still spans epochs
+    optimizer: str = "sgd"
+    lr: float | None = None  # per LR_REFERENCE_BATCH images; sgd 0.1 (digits 0.2), adamw 1e-3
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float | None = None  # sgd 1e-4 (5e-4 on digits), adamw 0.05
+    schedule: str = "cosine"
+    warmup_epochs: float | None = None  # digits: 1; else 5
+    step_epochs: tuple[int, ...] = (30, 60, 80)  # --schedule step: decay by step_gamma at these epochs
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global gradient norm
+    dtype: str = "float32"  # compute dtype; parameters and loss stay float32
+    aux_weight: float = 0.3  # GoogLeNet: loss = main + aux_weight * (aux1 + aux2)
+    no_aux: bool = False  # GoogLeNet without auxiliary heads
+    seed: int = 0
+    val_fraction: float = 0.2
+    classes: tuple[int, ...] | None = None
+    min_crop_scale: float | None = None  # RandomResizedCrop scale=(min, 1); digits 0.6, else 0.08
+    hflip: bool | None = None  # digits: False (digits are not mirror-symmetric); else True
+    pretrained: str | None = None  # 'default' (torchvision's weights) or a weights file
+    freeze: str = "none"
+    backbone_lr_mult: float = 1.0
+    linear_probe: str | None = None  # 'svm' | 'logreg': fit a linear classifier on frozen features instead
+    devices: int | None = None  # default: all devices
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0 = at the end of every epoch only
+    keep_checkpoints: int = 3  # the last N, plus the best validation top-1
+    progress: bool = True
+    compile_cache: str | None = None  # default ~/.cache/jaxnets/jax_compilation_cache; '' disables
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    num_classes: int | None = None  # set from the dataset
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def data_config(self) -> DataConfig:
+        transforms = get_spec(self.model).weights.transforms
+        return DataConfig(
+            dataset=self.dataset, data_dir=self.data_dir, image_size=self.image_size,
+            mean=transforms.mean, std=transforms.std, batch_size=self.batch_size,
+            eval_batch_size=self.eval_batch_size, seed=self.seed, val_fraction=self.val_fraction,
+            classes=self.classes, min_crop_scale=self.min_crop_scale, hflip=self.hflip)
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill in the defaults that depend on the model and the dataset; check the choices."""
+    spec = get_spec(config.model)  # raises for an unknown model
+    _check_choice("--optimizer", config.optimizer, OPTIMIZERS)
+    _check_choice("--schedule", config.schedule, SCHEDULES)
+    _check_choice("--dtype", config.dtype, DTYPES)
+    digits = config.dataset == DIGITS
+    if config.image_size is not None:
+        image_size = config.image_size
+    elif digits:  # small and fast (the digits are 8x8), but never below what the model accepts (AlexNet: 63 px)
+        image_size = 16 * math.ceil(max(16, *spec.weights.min_size) / 16)
+    else:
+        image_size = spec.weights.transforms.crop_size
+    if image_size < max(spec.weights.min_size):
+        raise ValueError(f"--image-size {image_size}: {config.model} needs at least {max(spec.weights.min_size)} px")
+    adamw = config.optimizer == "adamw"
+    batch_size = config.batch_size or (32 if digits else 128)
+    resolved = dataclasses.replace(
+        config,
+        workdir=config.workdir or str(Path("runs") / f"{config.model}-{Path(config.dataset).name or 'data'}"),
+        image_size=image_size,
+        batch_size=batch_size,
+        eval_batch_size=config.eval_batch_size or batch_size,
+        epochs=config.epochs or (8 if digits else 90),
+        lr=config.lr if config.lr is not None else (1e-3 if adamw else 0.2 if digits else 0.1),
+        weight_decay=config.weight_decay if config.weight_decay is not None else (
+            0.05 if adamw else (5e-4 if digits else 1e-4)),
+        warmup_epochs=config.warmup_epochs if config.warmup_epochs is not None else (1.0 if digits else 5.0),
+        min_crop_scale=config.min_crop_scale if config.min_crop_scale is not None else (0.6 if digits else 0.08),
+        hflip=config.hflip if config.hflip is not None else not digits,
+    )
+    for flag, value in (("--batch-size", resolved.batch_size), ("--epochs", resolved.epochs),
+                        ("--log-every", resolved.log_every), ("--keep-checkpoints", resolved.keep_checkpoints)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if resolved.steps is not None and resolved.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {resolved.steps}")
+    if spec.family != "googlenet" and resolved.no_aux:
+        raise ValueError(f"--no-aux: {config.model} has no auxiliary heads (GoogLeNet only)")
+    return resolved
+
+
+def peak_learning_rate(config: TrainConfig) -> float:
+    """``lr * global_batch / 256``: the linear scaling rule."""
+    return config.lr * config.batch_size / LR_REFERENCE_BATCH
+
+
+def resume_mismatch(saved: dict[str, Any], config: TrainConfig) -> str | None:
+    """Why a checkpointed run cannot be resumed with ``config`` (None when it can)."""
+    current = json.loads(config.to_json())
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != current[key]:
+            return f"{key}={saved[key]!r} (this run: {current[key]!r})"
+    return None
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{flag} {value!r}: choose one of {', '.join(choices)}")

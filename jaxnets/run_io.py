@@ -1,0 +1,179 @@
+"""What a training run leaves behind and shows: ``config.json``, ``metrics.jsonl``, ``curves.png``,
+``confusion_matrix.png``, a progress bar per epoch and one summary line per epoch.
+
+Only the main process writes or prints (``enabled=False`` elsewhere); every other method is then a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+CONFUSION_FILE = "confusion_matrix.png"
+
+
+class RunLog:
+    """The run directory's logs. ``resume_step`` drops records past the step a run resumes from, so an
+    interrupted-and-resumed run's ``metrics.jsonl`` reads like an uninterrupted one."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, resume_step: int = 0):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= resume_step]
+        _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def write_config(self, config_json: str) -> None:
+        if self.enabled:
+            _atomic_write(self.run_dir / CONFIG_FILE, config_json)
+
+    def log(self, step: int, epoch: float, split: str, metrics: dict[str, Any]) -> None:
+        """One line of ``metrics.jsonl``: ``step``, ``epoch``, ``split`` ('train' | 'val') and the metrics."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "epoch": round(float(epoch), 4), "split": split,
+                  **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self, confusion: np.ndarray | None = None, class_names: Sequence[str] = ()) -> None:
+        """``curves.png`` from ``metrics.jsonl`` and, given a final confusion matrix, ``confusion_matrix.png``."""
+        if not self.enabled:
+            return
+        plot_curves(read_metrics(self.metrics_path), self.run_dir / CURVES_FILE)
+        if confusion is not None:
+            plot_confusion(confusion, class_names, self.run_dir / CONFUSION_FILE)
+
+
+class Progress:
+    """A tqdm bar for one epoch with loss, images/s and ETA (on the main process, if enabled)."""
+
+    def __init__(self, epoch: int, epochs: int, total: int, initial: int, batch_size: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.batch_size = batch_size
+        self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+                        dynamic_ncols=True, leave=False, disable=not enabled, file=sys.stderr)
+        self.start, self.steps = time.perf_counter(), 0
+
+    def update(self, steps: int, loss: float | None = None) -> None:
+        self.steps += steps
+        self.bar.update(steps)
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.images_per_second:.0f}", refresh=False)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.steps * self.batch_size / max(time.perf_counter() - self.start, 1e-9)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def epoch_summary(epoch: int, epochs: int, step: int, train: dict[str, float], val: dict[str, float],
+                  images_per_second: float, seconds: float) -> str:
+    """``epoch 3/12  step 66  train loss 0.512 acc 85.1%  val loss 0.321 top1 95.3% top5 99.7%  1200 img/s  12.3s``"""
+    parts = [f"epoch {epoch}/{epochs}", f"step {step}"]
+    if train:
+        parts.append(f"train loss {train['loss']:.4f} acc {100 * train['accuracy']:.1f}%")
+    parts.append(f"val loss {val['loss']:.4f} top1 {100 * val['top1']:.2f}%"
+                 + (f" top5 {100 * val['top5']:.2f}%" if "top5" in val else ""))
+    parts += [f"{images_per_second:.0f} img/s", f"{seconds:.1f}s"]
+    return "  ".join(parts)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict[str, Any]], path: str | Path) -> None:
+    """Loss (train and val) and accuracy (train, val top-1, val top-5) against steps."""
+    fig, (ax_loss, ax_acc) = _figure(1, 2, (11, 4))
+    for split, key, axis, label in (("train", "loss", ax_loss, "train loss"), ("val", "loss", ax_loss, "val loss"),
+                                    ("train", "accuracy", ax_acc, "train top-1 (batch)"),
+                                    ("val", "top1", ax_acc, "val top-1"), ("val", "top5", ax_acc, "val top-5")):
+        points = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
+        if points:
+            steps, values = zip(*points, strict=True)
+            axis.plot(steps, values, marker="o" if split == "val" else None, markersize=3, label=label)
+    for axis, ylabel in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        axis.set_xlabel("step")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend()
+    _save(fig, path)
+
+
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str | Path) -> None:
+    """Row-normalized confusion matrix (true class -> predicted class); counts written when it is small."""
+    confusion = np.asarray(confusion)
+    k = confusion.shape[0]
+    size = min(4 + 0.4 * k, 20)
+    fig, (axis,) = _figure(1, 1, (size, size))
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=axis, fraction=0.046)
+    if k <= 30:
+        names = list(class_names) or [str(i) for i in range(k)]
+        axis.set_xticks(range(k), names, rotation=90)
+        axis.set_yticks(range(k), names)
+        for i, j in zip(*np.nonzero(confusion), strict=True):
+            axis.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
+                      color="white" if rates[i, j] > 0.5 else "black")
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(f"validation: {int(np.trace(confusion))}/{int(confusion.sum())} correct")
+    _save(fig, path)
+
+
+def _figure(rows: int, cols: int, size: tuple[float, float]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    return fig, list(axes.ravel())
+
+
+def _save(fig, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray | np.generic):
+        return value.item() if np.ndim(value) == 0 else value.tolist()
+    return value

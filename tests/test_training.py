@@ -1,0 +1,146 @@
+"""Training logic: loss and optimizer rules (torch as the oracle), GoogLeNet's aux losses, bfloat16,
+whole-set evaluation, and exact resume after a stop or a signal."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import linen as nn
+
+from jaxnets import GoogLeNetOutputs, parallel, training
+from jaxnets.config import TrainConfig, resolve
+from jaxnets.data import load_dataset
+from jaxnets.run_io import METRICS_FILE, read_metrics
+
+# Three digit classes at 16 px, batch 16: 26 steps per epoch, seconds per step on a CPU.
+TINY = TrainConfig(model="resnet18", classes=(0, 1, 2), batch_size=16, epochs=2, log_every=1, progress=False)
+
+
+@pytest.fixture
+def tiny(tmp_path_factory):
+    cache = str(tmp_path_factory.getbasetemp() / "jax_cache")  # shared by this session's runs: fewer compiles
+
+    def make(name: str, **overrides) -> TrainConfig:
+        workdir = tmp_path_factory.mktemp(name)
+        return dataclasses.replace(TINY, workdir=str(workdir), compile_cache=cache, **overrides)
+    return make
+
+
+def _params(result) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(parallel.to_host(result.state.params))]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_matches_torch(smoothing):
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(6, 10)).astype(np.float32), rng.integers(0, 10, 6)
+    ours = training.cross_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(labels), smoothing)
+    assert ours.dtype == jnp.float32
+    reference = torch.nn.functional.cross_entropy(torch.from_numpy(logits).bfloat16().float(), torch.from_numpy(labels),
+                                                  label_smoothing=smoothing, reduction="none")
+    np.testing.assert_allclose(ours, reference.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_scales_lr_and_skips_decay_on_biases_and_batchnorm():
+    config = resolve(TrainConfig(model="resnet18", batch_size=64, lr=0.4, warmup_epochs=1, weight_decay=0.1))
+    tx, schedule = training.make_optimizer(config, steps_per_epoch=10)
+    assert float(schedule(10)) == pytest.approx(0.4 * 64 / 256)  # peak after warmup: linear scaling rule
+    assert float(schedule(0)) == 0.0 and float(schedule(80)) == pytest.approx(0.0, abs=1e-9)
+    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
+    state = tx.init(params)
+    for _ in range(11):  # zero gradients: only weight decay moves the parameters
+        updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    assert float(jnp.abs(updates["conv"]["kernel"]).max()) > 0
+    assert float(jnp.abs(updates["bn"]["scale"]).max()) == 0 and float(jnp.abs(updates["bn"]["bias"]).max()) == 0
+
+
+class AuxNet(nn.Module):
+    """GoogLeNet's output contract at toy size: ``GoogLeNetOutputs`` in training, logits in evaluation."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, frozen_norm=()):
+        features = x.reshape(x.shape[0], -1)
+        logits = nn.Dense(3, name="fc")(features)
+        if not train:
+            return logits
+        return GoogLeNetOutputs(logits, nn.Dense(3, name="aux2")(features), nn.Dense(3, name="aux1")(features))
+
+
+def test_googlenet_aux_losses_enter_training_and_never_evaluation():
+    mesh = parallel.make_mesh()
+    model = AuxNet()
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(4, 2, 2, 3)).astype(np.float32), "label": np.array([0, 1, 2, 1], np.int32)}
+    variables = model.init(jax.random.key(0), batch["image"], train=True)
+    out = model.apply(variables, batch["image"], train=True)
+    main, aux1, aux2 = (float(jnp.mean(training.cross_entropy(x, batch["label"])))
+                        for x in (out.logits, out.aux_logits1, out.aux_logits2))
+    assert len({round(main, 4), round(aux1, 4), round(aux2, 4)}) == 3
+    for weight in (0.3, 0.0):
+        state = training.create_train_state(model, jax.tree.map(jnp.copy, variables), optax.sgd(0.0), mesh)
+        _, metrics = training.make_train_step(mesh, aux_weight=weight)(state, parallel.to_global(batch, mesh))
+        assert float(metrics["loss"]) == pytest.approx(main + weight * (aux1 + aux2), rel=1e-6)
+    state = training.create_train_state(model, jax.tree.map(jnp.copy, variables), optax.sgd(0.0), mesh)
+    sums = training.make_eval_step(mesh, 3)(state, parallel.to_global({**batch, "mask": np.ones(4, bool)}, mesh))
+    assert float(sums["loss"]) / 4 == pytest.approx(main, rel=1e-6)
+
+
+def test_resume_after_stop_and_after_signal_equals_uninterrupted_run(tiny, monkeypatch):
+    straight = training.train_and_evaluate(tiny("straight", steps=6))
+    assert straight.step == 6 and straight.interrupted is None
+    val_size = len(load_dataset(resolve(TINY).data_config()).val)
+    assert val_size % TINY.batch_size and straight.metrics["count"] == val_size  # whole set, last batch padded
+
+    stopped = tiny("stopped", steps=3)
+    assert training.train_and_evaluate(stopped).step == 3
+    resumed = training.train_and_evaluate(dataclasses.replace(stopped, steps=6))
+    for a, b in zip(_params(straight), _params(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # SIGINT during step 4: the step finishes, a checkpoint is saved, the run returns cleanly.
+    make_train_step = training.make_train_step
+
+    def signalling(*args, **kwargs):
+        step = make_train_step(*args, **kwargs)
+
+        def wrapped(state, batch):
+            new_state, metrics = step(state, batch)
+            if int(parallel.to_host(new_state.step)) == 4:
+                signal.raise_signal(signal.SIGINT)
+            return new_state, metrics
+        return wrapped
+
+    signalled = tiny("signalled", steps=6)
+    monkeypatch.setattr(training, "make_train_step", signalling)
+    result = training.train_and_evaluate(signalled)
+    assert (result.step, result.interrupted) == (4, signal.SIGINT)
+    monkeypatch.undo()
+    resumed = training.train_and_evaluate(signalled)
+    assert resumed.step == 6
+    for a, b in zip(_params(straight), _params(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    steps = [r["step"] for r in read_metrics(f"{signalled.workdir}/{METRICS_FILE}") if r["split"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the log reads like one run
+
+
+def test_workdir_of_another_model_is_refused(tiny):
+    config = tiny("other", steps=1)
+    training.train_and_evaluate(config)
+    with pytest.raises(ValueError, match=r"holds a checkpoint \(step 1\) of a different run: model='resnet18'"):
+        training.train_and_evaluate(dataclasses.replace(config, model="resnet34"))
+    assert training.Checkpointer(f"{config.workdir}/checkpoints").latest_step() == 1  # untouched
+
+
+def test_bfloat16_trains_with_float32_parameters(tiny):
+    result = training.train_and_evaluate(tiny("bf16", dtype="bfloat16", steps=4))
+    assert all(p.dtype == np.float32 for p in _params(result))
+    losses = [r["loss"] for r in read_metrics(result.run_dir / METRICS_FILE) if r["split"] == "train"]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert 0 <= result.metrics["top1"] <= 1 and np.isfinite(result.metrics["loss"])
