@@ -291,3 +291,30 @@ class ConvStack(nn.Module):
             x = nn.relu(x)
             index += 1
         return x
+
+
+class Classifier(nn.Module):
+    """AlexNet's and VGG's ``classifier``: Linear(4096) + ReLU twice, with dropout, then the final Linear
+    at index 6. AlexNet puts each Dropout before its Linear (Linears at 1, 4), VGG after its ReLU (0, 3).
+    With ``pre_logits`` it returns the input of the final Linear (features for linear probes)."""
+
+    num_classes: int
+    dropout: float
+    dropout_first: bool
+    dtype: Dtype = jnp.float32
+    kernel_init: Initializer = torch_default_kernel_init
+    bias_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool, pre_logits: bool = False) -> Array:
+        linear = partial(Linear, dtype=self.dtype, kernel_init=self.kernel_init, bias_init=self.bias_init)
+        drop = nn.Dropout(self.dropout, deterministic=not train)
+        for index in (1, 4) if self.dropout_first else (0, 3):
+            if self.dropout_first:
+                x = drop(x)
+            x = nn.relu(linear(4096, name=str(index))(x))
+            if not self.dropout_first:
+                x = drop(x)
+        if pre_logits:
+            return x
+        return linear(self.num_classes, name="6")(x)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxnets.layers import ConvSpec, ConvStack, Linear, PoolSpec, adaptive_avg_pool, flatten
+from jaxnets.layers import Classifier, ConvSpec, ConvStack, PoolSpec, adaptive_avg_pool, flatten
 
 POOL = PoolSpec(3, 2)
 FEATURES = (ConvSpec(64, 11, 4, 2), POOL, ConvSpec(192, 5, 1, 2), POOL,
@@ -31,21 +31,6 @@ class AlexNet(nn.Module):
         del frozen_norm  # AlexNet has no BatchNorm
         x = ConvStack(FEATURES, dtype=self.dtype, name="features")(x)
         x = flatten(adaptive_avg_pool(x, 6))
-        return Classifier(self.num_classes, self.dropout, self.dtype, name="classifier")(x, train, pre_logits)
+        return Classifier(self.num_classes, self.dropout, dropout_first=True, dtype=self.dtype,
+                          name="classifier")(x, train, pre_logits)
 
-
-class Classifier(nn.Module):
-    """torchvision's ``classifier``: Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear."""
-
-    num_classes: int
-    dropout: float
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool, pre_logits: bool) -> jax.Array:
-        for index in (1, 4):
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
-            x = nn.relu(Linear(4096, self.dtype, name=str(index))(x))
-        if pre_logits:
-            return x
-        return Linear(self.num_classes, self.dtype, name="6")(x)

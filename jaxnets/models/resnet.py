@@ -20,16 +20,21 @@ def conv(features: int, kernel_size: int, stride: int = 1, groups: int = 1, *, d
                   kernel_init=kaiming_normal_fan_out, name=name)
 
 
-class BasicBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """What both block types take; ``last_norm`` is the BatchNorm closing the residual branch
+    (zero-initialized scale with ``zero_init_residual``)."""
+
     planes: int
     stride: int
     norm: ModuleFactory
-    last_norm: ModuleFactory  # zero-initialized scale when zero_init_residual
+    last_norm: ModuleFactory
     groups: int = 1
     width_per_group: int = 64
     dtype: Any = jnp.float32
     expansion = 1
 
+
+class BasicBlock(ResidualBlock):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.groups != 1 or self.width_per_group != 64:
@@ -39,14 +44,7 @@ class BasicBlock(nn.Module):
         return nn.relu(y + shortcut(self, x))
 
 
-class Bottleneck(nn.Module):
-    planes: int
-    stride: int
-    norm: ModuleFactory
-    last_norm: ModuleFactory
-    groups: int = 1
-    width_per_group: int = 64
-    dtype: Any = jnp.float32
+class Bottleneck(ResidualBlock):
     expansion = 4
 
     @nn.compact
@@ -58,7 +56,7 @@ class Bottleneck(nn.Module):
         return nn.relu(y + shortcut(self, x))
 
 
-def shortcut(block: BasicBlock | Bottleneck, x: jax.Array) -> jax.Array:
+def shortcut(block: ResidualBlock, x: jax.Array) -> jax.Array:
     """Identity, or torchvision's ``downsample`` (1x1 conv + BN) when the shape changes."""
     out = block.planes * block.expansion
     if block.stride == 1 and x.shape[-1] == out:
@@ -82,7 +80,7 @@ class Downsample(nn.Module):
 class Stage(nn.Module):
     """``layer1`` ... ``layer4``: blocks named ``0``, ``1``, ...; the first one may downsample."""
 
-    block_cls: type[BasicBlock] | type[Bottleneck]
+    block_cls: type[ResidualBlock]
     num_blocks: int
     planes: int
     stride: int
@@ -99,7 +97,7 @@ class ResNet(nn.Module):
     """Parameters ``conv1``, ``bn1``, ``layer{1..4}/<block>/...``, ``fc``, as in torchvision."""
 
     stage_sizes: Sequence[int]
-    block_cls: type[BasicBlock] | type[Bottleneck]
+    block_cls: type[ResidualBlock]
     num_classes: int = 1000
     groups: int = 1
     width_per_group: int = 64

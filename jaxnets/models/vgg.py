@@ -9,9 +9,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxnets.layers import (
+    Classifier,
     ConvSpec,
     ConvStack,
-    Linear,
     PoolSpec,
     adaptive_avg_pool,
     batch_norm,
@@ -47,22 +47,6 @@ class VGG(nn.Module):
         norm = batch_norm(train, frozen_norm, dtype=self.dtype) if self.batch_norm else None
         x = ConvStack(layers, norm, self.dtype, kaiming_normal_fan_out, zeros, name="features")(x)
         x = flatten(adaptive_avg_pool(x, 7))
-        return Classifier(self.num_classes, self.dropout, self.dtype, name="classifier")(x, train, pre_logits)
-
-
-class Classifier(nn.Module):
-    """torchvision's ``classifier``: Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear."""
-
-    num_classes: int
-    dropout: float
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool, pre_logits: bool) -> jax.Array:
-        for index in (0, 3):
-            x = nn.relu(Linear(4096, self.dtype, linear_init, zeros, name=str(index))(x))
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        if pre_logits:
-            return x
-        return Linear(self.num_classes, self.dtype, linear_init, zeros, name="6")(x)
+        return Classifier(self.num_classes, self.dropout, dropout_first=False, dtype=self.dtype,
+                          kernel_init=linear_init, bias_init=zeros, name="classifier")(x, train, pre_logits)
 
