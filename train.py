@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
                    help="held-out fraction of train when there is no validation split")
     g.add_argument("--min-crop-scale", type=float,
-                   help="RandomResizedCrop minimal area (default 0.6 on digits, else 0.08)")
+                   help="RandomResizedCrop minimal area (default 0.9 on digits, else 0.08)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: on, off for digits)")
     g.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="compute dtype (params stay float32)")
@@ -55,13 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GoogLeNet: loss = main + w * (aux1 + aux2) (default 0.3, as in the paper)")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, help="default 8 on digits, else 90")
+    g.add_argument("--epochs", type=int, help="default 12 on digits, else 90")
     g.add_argument("--steps", type=int, help="stop after this many steps in total (smoke runs)")
     g.add_argument("--batch-size", type=int, help="global batch over all devices (default 32 on digits, else 128)")
     g.add_argument("--eval-batch-size", type=int, help="global eval batch (default: --batch-size)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
     g.add_argument("--lr", type=float, help="learning rate per 256 images, scaled by batch/256 "
-                                            "(default: sgd 0.1, 0.2 on digits; adamw 1e-3)")
+                                            "(default: sgd 0.1, adamw 1e-3)")
     g.add_argument("--momentum", type=float, default=defaults.momentum)
     g.add_argument("--nesterov", action="store_true")
     g.add_argument("--weight-decay", type=float, help="not applied to biases and BatchNorm "

@@ -35,10 +35,10 @@ class TrainConfig:
     image_size: int | None = None  # digits: 16 (VGG 32, AlexNet 64); else the weights' crop size (224)
     batch_size: int | None = None  # global, over all devices and processes; digits 32, else 128
     eval_batch_size: int | None = None  # default batch_size
-    epochs: int | None = None  # digits: 8; else 90
+    epochs: int | None = None  # digits: 12; else 90
     steps: int | None = None  # stop after this many steps in total (smoke runs); the schedule still spans epochs
     optimizer: str = "sgd"
-    lr: float | None = None  # per LR_REFERENCE_BATCH images; sgd 0.1 (digits 0.2), adamw 1e-3
+    lr: float | None = None  # per LR_REFERENCE_BATCH images; sgd 0.1, adamw 1e-3
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float | None = None  # sgd 1e-4 (5e-4 on digits), adamw 0.05
@@ -54,7 +54,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.2
     classes: tuple[int, ...] | None = None
-    min_crop_scale: float | None = None  # RandomResizedCrop scale=(min, 1); digits 0.6, else 0.08
+    min_crop_scale: float | None = None  # RandomResizedCrop scale=(min, 1); digits 0.9, else 0.08
     hflip: bool | None = None  # digits: False (digits are not mirror-symmetric); else True
     pretrained: str | None = None  # 'default' (torchvision's weights) or a weights file
     freeze: str = "none"
@@ -106,12 +106,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
         image_size=image_size,
         batch_size=batch_size,
         eval_batch_size=config.eval_batch_size or batch_size,
-        epochs=config.epochs or (8 if digits else 90),
-        lr=config.lr if config.lr is not None else (1e-3 if adamw else 0.2 if digits else 0.1),
+        epochs=config.epochs or (12 if digits else 90),
+        lr=config.lr if config.lr is not None else (1e-3 if adamw else 0.1),
         weight_decay=config.weight_decay if config.weight_decay is not None else (
             0.05 if adamw else (5e-4 if digits else 1e-4)),
         warmup_epochs=config.warmup_epochs if config.warmup_epochs is not None else (1.0 if digits else 5.0),
-        min_crop_scale=config.min_crop_scale if config.min_crop_scale is not None else (0.6 if digits else 0.08),
+        min_crop_scale=config.min_crop_scale if config.min_crop_scale is not None else (0.9 if digits else 0.08),
         hflip=config.hflip if config.hflip is not None else not digits,
     )
     for flag, value in (("--batch-size", resolved.batch_size), ("--epochs", resolved.epochs),
