@@ -250,7 +250,9 @@ def train_and_evaluate(config: TrainConfig) -> TrainResult:
         run.print(note)
     run.write_config(config.to_json())
 
-    model, variables = build_model(config, dataset.num_classes, mesh)
+    model, variables, note = build_model(config, dataset.num_classes, mesh)
+    if note:
+        run.print(note)
     trainable_mask, head_mask, frozen_norm = freeze_masks(config, variables["params"])
     tx, schedule = make_optimizer(config, dataset.steps_per_epoch, trainable_mask=trainable_mask, head_mask=head_mask)
     state = create_train_state(model, variables, tx, mesh, seed=config.seed, frozen_norm=frozen_norm,
@@ -291,7 +293,9 @@ def run_linear_probe(config: TrainConfig) -> dict[str, float]:
     run = RunLog(workdir)
     run.print(f"run directory: {workdir}")
     run.write_config(config.to_json())
-    model, variables = build_model(config, dataset.num_classes, mesh)
+    model, variables, note = build_model(config, dataset.num_classes, mesh)
+    if note:
+        run.print(note)
     metrics = linear_probe(model, variables, dataset.iterate("train"), dataset.iterate("val"),
                            kind=config.linear_probe, out_dir=workdir, seed=config.seed, mesh=mesh)
     run.print(f"linear probe ({config.linear_probe}) on {config.model} features: "
@@ -299,21 +303,25 @@ def run_linear_probe(config: TrainConfig) -> dict[str, float]:
     return metrics
 
 
-def build_model(config: TrainConfig, num_classes: int, mesh: Any) -> tuple[nn.Module, PyTree]:
-    """The model and its initial variables: fresh, or ``--pretrained`` with the classifier re-initialized
-    for ``num_classes``."""
+def build_model(config: TrainConfig, num_classes: int, mesh: Any) -> tuple[nn.Module, PyTree, str | None]:
+    """The model and its initial variables, replicated on ``mesh``: fresh, or ``--pretrained`` with the
+    classifier (GoogLeNet: and its aux heads) freshly initialized for the new task, whatever its number of
+    classes. The third value says which pretrained weights were loaded and which layers were re-initialized."""
+    from jaxnets.weights import load_pretrained, model_options, reinitialize_head
+
     options = {"aux_logits": False} if config.no_aux else {}
     dtype = jnp.dtype(config.dtype)
     if config.pretrained is None:
         model = create_model(config.model, num_classes, dtype, **options)
-        return model, init_variables(model, config.image_size, config.seed, mesh)
-    try:
-        from jaxnets.weights import load_pretrained
-    except ImportError:
-        raise ValueError("--pretrained needs jaxnets.weights.load_pretrained, which this install lacks") from None
+        return model, init_variables(model, config.image_size, config.seed, mesh), None
     weights = None if config.pretrained == "default" else config.pretrained
-    model, variables = load_pretrained(config.model, num_classes=num_classes, weights=weights, dtype=dtype, **options)
-    return model, jax.device_put(variables, parallel.replicated(mesh))
+    model, variables = load_pretrained(config.model, weights=weights, dtype=dtype, **options)
+    options = model_options(config.model, model)  # the checkpoint's (GoogLeNet: transform_input) and ours
+    variables, renewed = reinitialize_head(config.model, variables, num_classes, rng=config.seed, **options)
+    model = create_model(config.model, num_classes, dtype, **options)
+    note = (f"pretrained weights: {weights or 'torchvision ImageNet (cache)'}; re-initialized "
+            f"{', '.join(renewed)} for {num_classes} classes")
+    return model, jax.device_put(variables, parallel.replicated(mesh)), note
 
 
 def freeze_masks(config: TrainConfig, params: PyTree) -> tuple[PyTree | None, PyTree | None, tuple[str, ...]]:
@@ -448,10 +456,12 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
 def _save_final_weights(config: TrainConfig, state: TrainState, class_names: tuple[str, ...],
                         metrics: dict[str, float], run: RunLog) -> None:
     """``final_weights.safetensors``: the format ``jaxnets.load_pretrained`` reads."""
-    from jaxnets.weights import save_weights
+    from jaxnets.weights import model_options, save_weights
 
     variables = parallel.to_host(state.variables)
-    options = {"aux_logits": False} if config.no_aux else {}
+    # Every option the model was built with (GoogLeNet's transform_input from pretrained weights too), so that
+    # load_pretrained rebuilds the same model; apply_fn is the model's bound apply.
+    options = model_options(config.model, state.apply_fn.__self__)
     path = save_weights(Path(config.workdir) / FINAL_WEIGHTS, config.model, variables, model_options=options,
                         metadata={"source": "train.py", "dataset": config.dataset, "categories": list(class_names),
                                   "step": metrics["step"], "val_top1": metrics["top1"]})
