@@ -49,7 +49,7 @@ def test_cross_entropy_matches_torch(smoothing):
 
 
 def test_optimizer_scales_lr_and_skips_decay_on_biases_and_batchnorm():
-    config = resolve(TrainConfig(model="resnet18", batch_size=64, lr=0.4, warmup_epochs=1, weight_decay=0.1))
+    config = resolve(TrainConfig(model="resnet18", batch_size=64, lr=0.4, warmup_epochs=1, weight_decay=0.1, epochs=8))
     tx, schedule = training.make_optimizer(config, steps_per_epoch=10)
     assert float(schedule(10)) == pytest.approx(0.4 * 64 / 256)  # peak after warmup: linear scaling rule
     assert float(schedule(0)) == 0.0 and float(schedule(80)) == pytest.approx(0.0, abs=1e-9)
