@@ -107,7 +107,9 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = config_from_args(argv)
-    from jaxnets import training
+    from jaxnets import host, training
+
+    host.retain_freed_memory()  # before JAX starts its threads; XLA:CPU steps page-fault less
 
     try:
         if config.linear_probe:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import parallel, training, transfer
+from jaxnets import host, parallel, training, transfer
 from jaxnets.registry import create_model, get_spec, list_models
 
 MODES = ("train", "infer", "probe")
@@ -487,13 +487,18 @@ def markdown_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+_ALLOCATOR = {True: "freed memory retained for both libraries (jaxnets.host.retain_freed_memory)",
+              False: "glibc defaults"}
+
+
 def report(results: Sequence[Result], context: dict) -> str:
     """The markdown report: where and how it was measured, the table, then the run-level numbers."""
     lines = [f"Measured {context['date']} on {context['device']} (jax {jax.__version__}"
              + (f", torch {context['torch']}" if context.get("torch") else "") + ").",
              f"Command: `{context['command']}`", "",
              f"Peak {context['dtype']} matmul (timed between the steps): {context['peak_flops'] / 1e9:.0f} GFLOP/s. "
-             f"Peak memory: {context['memory_bytes'] / 2**20:.0f} MiB ({context['memory_source']}).", "",
+             f"Peak memory: {context['memory_bytes'] / 2**20:.0f} MiB ({context['memory_source']}). "
+             f"Host allocator: {_ALLOCATOR[bool(context.get('retain_freed_memory'))]}.", "",
              markdown_table(results)]
     if "compile_cache" in context:
         cold, warm = context["compile_cache"]["cold"], context["compile_cache"]["warm"]
@@ -542,6 +547,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=None,
                         help="write the markdown report here (--all: default benchmark.md)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (default: both libraries run with jaxnets.host."
+                             "retain_freed_memory, which spares XLA:CPU and torch the page faults of fresh buffers)")
     parser.add_argument("--first-step", action="store_true", help=argparse.SUPPRESS)  # child of the cache check
     args = parser.parse_args(argv)
     for flag in ("batch_size", "image_size", "iters"):
@@ -561,6 +569,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_xla_flags()  # before anything below starts JAX's backend
+    # Both libraries run under the same allocator settings: the comparison stays fair either way.
+    retained = not args.system_malloc and host.retain_freed_memory()
     training.setup_compilation_cache(os.fspath(args.cache_dir) if args.cache_dir else None)
     if args.first_step:
         mode = MODE_CHOICES[args.mode][0]
@@ -581,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "command": " ".join(["python -m jaxnets.benchmark", *(argv if argv is not None else sys.argv[1:])]),
                "peak_flops": max(r.peak_flops for r in results),
                "memory_bytes": memory_bytes, "memory_source": memory_source,
-               "model": args.model, "cache_mode": modes[0]}
+               "model": args.model, "cache_mode": modes[0], "retain_freed_memory": retained}
     if args.compare_torch:
         import torch
         context["torch"] = torch.__version__

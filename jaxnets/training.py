@@ -27,7 +27,7 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from jaxnets import parallel
+from jaxnets import parallel, transfer
 from jaxnets.checkpointing import Checkpointer
 from jaxnets.config import TrainConfig, peak_learning_rate, resolve, resume_mismatch
 from jaxnets.data import Dataset, load_dataset
@@ -114,9 +114,8 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int, *, trainable_mask:
     if config.grad_clip:
         base = optax.chain(optax.clip_by_global_norm(config.grad_clip), base)
     if trainable_mask is not None:
-        from jaxnets.transfer import build_optimizer
-
-        base = build_optimizer(base, trainable_mask, head_mask=head_mask, backbone_lr_mult=config.backbone_lr_mult)
+        base = transfer.build_optimizer(base, trainable_mask, head_mask=head_mask,
+                                        backbone_lr_mult=config.backbone_lr_mult)
     return base, schedule
 
 
@@ -153,9 +152,8 @@ def make_train_step(mesh: Any, *, label_smoothing: float = 0.0, aux_weight: floa
 
         def loss_fn(params):
             if state.trainable is not None:  # no gradient, hence no backward pass, through frozen leaves
-                leaves, treedef = jax.tree.flatten(params)
-                params = jax.tree.unflatten(treedef, [p if t else jax.lax.stop_gradient(p)
-                                                      for p, t in zip(leaves, state.trainable, strict=True)])
+                mask = jax.tree.unflatten(jax.tree.structure(params), state.trainable)
+                params = transfer.stop_frozen_gradients(params, mask)
             variables = {**state.variables, "params": params}
             out, updates = state.apply_fn(variables, batch["image"], train=True, mutable=["batch_stats"],
                                           rngs={"dropout": dropout_rng}, frozen_norm=state.frozen_norm)
@@ -329,8 +327,6 @@ def freeze_masks(config: TrainConfig, params: PyTree) -> tuple[PyTree | None, Py
     (None, None, ()) when everything trains at one learning rate."""
     if config.freeze == "none" and config.backbone_lr_mult == 1.0:
         return None, None, ()
-    from jaxnets import transfer
-
     mask = transfer.trainable_mask(config.model, params, config.freeze)
     return mask, transfer.head_mask(config.model, params), transfer.frozen_modules(config.model, mask)
 

@@ -42,6 +42,27 @@ def test_max_pool_matches_torch_at_every_size(kernel, stride, padding, ceil_mode
         np.testing.assert_array_equal(pool(x, kernel, stride, padding, ceil_mode), nhwc(expected), err_msg=f"{h}x{w}")
 
 
+@pytest.mark.parametrize("kernel,stride,padding,ceil_mode",
+                         [(3, 2, 0, True), (3, 2, 1, False), (2, 2, 0, False), (3, 1, 1, True), (3, 3, 1, True)])
+def test_max_pool_gradient_matches_torch_with_ties_and_infinities(kernel, stride, padding, ceil_mode):
+    """The custom VJP gives each window's gradient to its first maximum, as torch does, also when every
+    value of a window ties (small integers) or is -inf (never to the padding)."""
+    def grad(x, g, *static):
+        return jax.vjp(lambda x: layers.max_pool(x, *static), x)[1](g)[0]
+    grad = jax.jit(grad, static_argnums=(2, 3, 4, 5))
+    rng = np.random.default_rng(kernel * 10 + stride)
+    for h, w in itertools.product(range(kernel, 12), (kernel + 1, 10)):
+        x = rng.integers(-1, 3, (2, h, w, 3)).astype(np.float32)
+        x[x < 0] = -np.inf
+        x_torch = nchw(x).requires_grad_()
+        y = F.max_pool2d(x_torch, kernel, stride, padding, ceil_mode=ceil_mode)
+        g = rng.standard_normal(y.shape, np.float32)
+        y.backward(torch.from_numpy(g))
+        got = grad(x, g.transpose(0, 2, 3, 1), kernel, stride, padding, ceil_mode)
+        # Overlapping windows add their gradients in another order than torch: float32 rounding only.
+        np.testing.assert_allclose(got, nhwc(x_torch.grad), rtol=1e-6, atol=1e-6, err_msg=f"{h}x{w}")
+
+
 def test_adaptive_avg_pool_matches_torch_bins():
     for h, w, out in itertools.product((1, 3, 7, 13, 17), (4, 9), (1, 4, 7)):
         x = rand(2, h, w, 3, seed=h * w)
@@ -61,6 +82,43 @@ def test_conv_pads_symmetrically_like_torch(kernel, stride, padding, groups):
         bias = torch.from_numpy(np.array(variables["params"]["bias"]))
         expected = nhwc(F.conv2d(nchw(x), weight, bias, stride, padding, groups=groups))
         np.testing.assert_allclose(conv.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", [(3, 1, 1, (13, 10)), (3, 2, 1, (12, 9)), (11, 4, 2, (35, 31)),
+                                                          (5, 1, 2, (9, 9)), (7, 2, 3, (16, 14))])
+def test_im2col_kernel_gradient_matches_torch_in_float64(monkeypatch, kernel, stride, padding, size):
+    """Large layers take their CPU kernel gradient from blocked im2col matrix products: forced here on small
+    layers, with blocks of a few output rows, it must give torch's gradients to float64 rounding."""
+    monkeypatch.setattr(layers, "IM2COL_MIN_WORK", 0)
+    monkeypatch.setattr(layers, "IM2COL_BLOCK_BYTES", 2 * 8 * size[1] * kernel * kernel * 3)  # ~2 rows per block
+    rng = np.random.default_rng(kernel)
+    x, w = rng.standard_normal((2, *size, 3)), rng.standard_normal((kernel, kernel, 3, 5))
+    x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    w_torch = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
+    y_torch = F.conv2d(x_torch, w_torch, stride=stride, padding=padding)
+    g = rng.standard_normal(y_torch.shape)
+    y_torch.backward(torch.from_numpy(g))
+
+    def conv(x, w):
+        return layers.conv2d(x, w, (stride, stride), (padding, padding))
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(conv, x, w)
+        dx, dw = vjp(g.transpose(0, 2, 3, 1))
+        loop = "scan" in str(jax.make_jaxpr(lambda x, w: jax.vjp(conv, x, w)[1](y)[1])(x, w))
+    assert loop, "the blocked im2col kernel gradient did not run"
+    np.testing.assert_allclose(y, nhwc(y_torch.detach()), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dx, nhwc(x_torch.grad), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dw, w_torch.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-10, atol=1e-10)
+
+
+def test_max_pool_supports_forward_mode_differentiation():
+    x = rand(2, 9, 9, 3)
+    tangent = rand(2, 9, 9, 3, seed=1)
+    y, dy = jax.jvp(lambda x: layers.max_pool(x, 3, 2, 1), (x,), (tangent,))
+    _, vjp = jax.vjp(lambda x: layers.max_pool(x, 3, 2, 1), x)
+    cotangent = rand(*y.shape, seed=2)
+    # <J t, c> == <t, J^T c>: the forward-mode rule and the gradient describe the same linear map.
+    np.testing.assert_allclose(np.vdot(dy, cotangent), np.vdot(tangent, vjp(cotangent)[0]), rtol=1e-5)
 
 
 def test_batch_norm_updates_running_var_with_unbiased_variance_like_torch():

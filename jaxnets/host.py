@@ -1,0 +1,38 @@
+"""Host-process settings that make XLA:CPU steps faster.
+
+XLA:CPU allocates a step's buffers afresh on every call. glibc serves large allocations with
+``mmap`` and gives them back to the kernel on ``free``, so every step touches hundreds of MB of
+new pages, and on a VM each page fault costs about a microsecond: a quarter of a ResNet-50
+training step's time went to the kernel. Keeping freed memory in the process removes that cost.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# mallopt parameters from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_INT_MAX = 2**31 - 1
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed memory instead of returning it to the kernel.
+
+    Serves every allocation from the heap (no ``mmap``) and trims the heap only beyond 2 GiB of
+    free space. The process keeps its peak memory; a training or benchmark process wants that.
+    Returns whether the settings took effect (False off Linux/glibc, where nothing changes).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
+    return all([bool(mallopt(param, value)) for param, value in settings])
