@@ -97,10 +97,12 @@ def test_cli_writes_report_and_json(tmp_path, monkeypatch):
     out, js = tmp_path / "bench.md", tmp_path / "bench.json"
     code = benchmark.main(["--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--mode", "infer",
                            "--iters", "1", "--warmup", "0", "--skip-cache-check", "--skip-input-pipeline",
+                           "--system-malloc",  # the allocator setting is process-wide too
                            "--cache-dir", str(tmp_path / "cache"), "--output", str(out), "--json", str(js)])
     assert code == 0 and caches == [str(tmp_path / "cache")]
     text = out.read_text()
     assert "| resnet18 | infer | 2 | 32 | float32 |" in text and "Command: `python -m jaxnets.benchmark" in text
+    assert "Host allocator: glibc defaults." in text
     data = json.loads(js.read_text())
     assert data["results"][0]["model"] == "resnet18" and data["results"][0]["images_per_s"] > 0
 
