@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", nargs="?", const="default",
                    help="start from torchvision's ImageNet weights, or from FILE; the classifier is re-initialized")
     g.add_argument("--freeze", default=defaults.freeze, help="none | backbone | parameter path patterns: conv1,layer1")
-    g.add_argument("--backbone-lr-mult", type=float, default=defaults.backbone_lr_mult)
+    g.add_argument("--backbone-lr-mult", type=float, default=defaults.backbone_lr_mult,
+                   help="learning rate of the backbone relative to the head (discriminative fine-tuning)")
+    g.add_argument("--layer-decay", type=float, default=defaults.layer_decay,
+                   help="layer-wise learning-rate decay: the backbone's last block learns at lr x D, the one "
+                        "before at lr x D^2, ... down to the stem (e.g. 0.8)")
     g.add_argument("--linear-probe", choices=("svm", "logreg"),
                    help="no training: fit a linear classifier on the frozen model's features")
 

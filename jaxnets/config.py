@@ -59,6 +59,7 @@ class TrainConfig:
     pretrained: str | None = None  # 'default' (torchvision's weights) or a weights file
     freeze: str = "none"
     backbone_lr_mult: float = 1.0
+    layer_decay: float = 1.0  # layer-wise LR decay: last backbone block x decay, the one before x decay**2, ...
     linear_probe: str | None = None  # 'svm' | 'logreg': fit a linear classifier on frozen features instead
     devices: int | None = None  # default: all devices
     log_every: int = 10
@@ -120,6 +121,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if resolved.steps is not None and resolved.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {resolved.steps}")
+    if not 0 < resolved.layer_decay <= 1:
+        raise ValueError(f"--layer-decay must be in (0, 1], got {resolved.layer_decay}")
     if spec.family != "googlenet" and resolved.no_aux:
         raise ValueError(f"--no-aux: {config.model} has no auxiliary heads (GoogLeNet only)")
     return resolved

@@ -114,8 +114,11 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int, *, trainable_mask:
     if config.grad_clip:
         base = optax.chain(optax.clip_by_global_norm(config.grad_clip), base)
     if trainable_mask is not None:
+        # The masks have the parameters' structure: all that layer-wise multipliers need.
+        lr_mults = (transfer.layerwise_lr_mults(config.model, trainable_mask, config.layer_decay)
+                    if config.layer_decay != 1.0 else None)
         base = transfer.build_optimizer(base, trainable_mask, head_mask=head_mask,
-                                        backbone_lr_mult=config.backbone_lr_mult)
+                                        backbone_lr_mult=config.backbone_lr_mult, lr_mults=lr_mults)
     return base, schedule
 
 
@@ -323,9 +326,9 @@ def build_model(config: TrainConfig, num_classes: int, mesh: Any) -> tuple[nn.Mo
 
 
 def freeze_masks(config: TrainConfig, params: PyTree) -> tuple[PyTree | None, PyTree | None, tuple[str, ...]]:
-    """``--freeze`` / ``--backbone-lr-mult`` -> (trainable mask, head mask, frozen BatchNorm paths);
-    (None, None, ()) when everything trains at one learning rate."""
-    if config.freeze == "none" and config.backbone_lr_mult == 1.0:
+    """``--freeze`` / ``--backbone-lr-mult`` / ``--layer-decay`` -> (trainable mask, head mask, frozen
+    BatchNorm paths); (None, None, ()) when everything trains at one learning rate."""
+    if config.freeze == "none" and config.backbone_lr_mult == 1.0 and config.layer_decay == 1.0:
         return None, None, ()
     mask = transfer.trainable_mask(config.model, params, config.freeze)
     return mask, transfer.head_mask(config.model, params), transfer.frozen_modules(config.model, mask)
@@ -339,7 +342,9 @@ def describe_run(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainS
             f"{config.image_size}px; {len(devices)} {devices[0].platform} device(s) in {jax.process_count()} "
             f"process(es), global batch {config.batch_size}, {dataset.steps_per_epoch} steps/epoch x "
             f"{config.epochs} epochs; {config.optimizer} peak lr {peak_learning_rate(config):.4g} "
-            f"(= {config.lr:g} x {config.batch_size}/256), {config.schedule} schedule")
+            f"(= {config.lr:g} x {config.batch_size}/256), {config.schedule} schedule"
+            + (f"; backbone lr x {config.backbone_lr_mult:g}" if config.backbone_lr_mult != 1.0 else "")
+            + (f"; layer-wise lr decay {config.layer_decay:g}" if config.layer_decay != 1.0 else ""))
 
 
 def _check_resumable(checkpointer: Checkpointer, config: TrainConfig) -> int | None:

@@ -61,6 +61,30 @@ def test_optimizer_scales_lr_and_skips_decay_on_biases_and_batchnorm():
     assert float(jnp.abs(updates["bn"]["scale"]).max()) == 0 and float(jnp.abs(updates["bn"]["bias"]).max()) == 0
 
 
+def test_layer_decay_flag_scales_each_block_by_its_depth():
+    """--layer-decay reaches the optimizer: each leaf's first SGD update is lr x its layer-wise multiplier."""
+    from jaxnets import registry, transfer
+    config = resolve(TrainConfig(model="resnet18", batch_size=256, lr=0.1, warmup_epochs=0, weight_decay=0.0,
+                                 momentum=0.0, layer_decay=0.5, epochs=1, backbone_lr_mult=0.5))
+    model = registry.create_model("resnet18", num_classes=3)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))["params"]
+    params = jax.tree.map(lambda p: jnp.zeros(p.shape), params)
+    mask, head, frozen = training.freeze_masks(config, params)
+    assert frozen == () and all(jax.tree.leaves(mask))
+    tx, schedule = training.make_optimizer(config, steps_per_epoch=10, trainable_mask=mask, head_mask=head)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    lr = float(schedule(0))
+    expected = jax.tree.map(lambda m, h: -lr * m * (1.0 if h else 0.5),
+                            transfer.layerwise_lr_mults("resnet18", params, 0.5), head)
+    for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert float(updates["fc"]["kernel"][0, 0]) == pytest.approx(-lr)
+    # conv1 is 10 blocks from the head: conv1, bn1, then 4 stages x 2 BasicBlocks
+    assert float(updates["conv1"]["kernel"][0, 0, 0, 0]) == pytest.approx(-lr * 0.5 * 0.5**10)
+    with pytest.raises(ValueError, match=r"--layer-decay must be in \(0, 1\], got 1.5"):
+        resolve(TrainConfig(model="resnet18", layer_decay=1.5))
+
+
 class AuxNet(nn.Module):
     """GoogLeNet's output contract at toy size: ``GoogLeNetOutputs`` in training, logits in evaluation."""
 

@@ -83,6 +83,7 @@ def resnet18_weights(tmp_path_factory) -> Path:
     (["--freeze", "layer5"], "resnet18: freeze pattern 'layer5' matches no parameter; top-level modules: bn1, "),
     (["--freeze", "backbone,fc"], "resnet18: freeze 'backbone,fc' leaves nothing trainable"),
     (["--freeze", "conv1", "--backbone-lr-mult", "-1"], "backbone_lr_mult must be > 0"),
+    (["--layer-decay", "0"], "--layer-decay must be in (0, 1], got 0.0"),
     (["--model", "vgg11", "--freeze", "backbone"], "holds resnet18 weights, not vgg11"),
 ])
 def test_bad_transfer_flags_fail_with_one_line(resnet18_weights, tmp_path, capsys, args, message):
