@@ -401,75 +401,47 @@ def compile_cache_times(name: str, mode: str, batch_size: int, image_size: int, 
 # --- input pipeline ----------------------------------------------------------------------------
 
 
-def write_jpeg_folder(directory: str | os.PathLike, count: int = 64, size: int = 224, seed: int = 0) -> list[Path]:
-    """Smooth random JPEGs (noise would decode unrealistically slowly), ``count`` of them, ``size`` px."""
+def write_image_folder(directory: str | os.PathLike, count: int = 256, size: int = 224, seed: int = 0,
+                       classes: int = 2) -> Path:
+    """An image folder as ``train.py --dataset`` reads it (``train/<class>/*.jpg``, ``val/<class>/*.jpg``):
+    ``count`` smooth random JPEGs of ``size`` px in train/ (noise would decode unrealistically slowly)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((size, size), Image.BILINEAR)
-        path = Path(directory) / f"{i:05d}.jpg"
-        image.save(path, quality=90)
-        paths.append(path)
-    return paths
-
-
-def jpeg_files(data_dir: str | os.PathLike) -> list[str]:
-    files = sorted(str(p) for p in Path(data_dir).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
-    if not files:
-        raise ValueError(f"--data-dir: no .jpg/.jpeg files under {data_dir}")
-    return files
-
-
-def jpeg_train_pipeline(files: Sequence[str], batch_size: int, image_size: int, num_images: int = -1):
-    """tf.data's ImageNet training input: decode + random-resized crop (fused), flip, normalize,
-    in parallel, batched and prefetched; ``num_images`` cycles over ``files`` (-1: forever).
-    A minimal stand-in until ``jaxnets.data`` provides one."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators JAX uses
-    mean = tf.constant([0.485, 0.456, 0.406]) * 255
-    std = tf.constant([0.229, 0.224, 0.225]) * 255
-
-    def load(path):
-        data = tf.io.read_file(path)
-        begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
-            tf.image.extract_jpeg_shape(data), tf.zeros([0, 0, 4]), min_object_covered=0.0,
-            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-            use_image_if_no_bounding_boxes=True)
-        offset_y, offset_x, _ = tf.unstack(begin)
-        height, width, _ = tf.unstack(crop_size)
-        image = tf.io.decode_and_crop_jpeg(data, tf.stack([offset_y, offset_x, height, width]), channels=3)
-        image = tf.image.resize(image, (image_size, image_size), "bilinear")
-        image = tf.image.random_flip_left_right(image)
-        return (image - mean) / std
-
-    dataset = tf.data.Dataset.from_tensor_slices(list(files)).repeat().take(num_images)
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    root = Path(directory)
+    for split, n in (("train", count), ("val", classes)):
+        for i in range(n):
+            folder = root / split / f"class{i % classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(coarse).resize((size, size), Image.BILINEAR).save(folder / f"{i:05d}.jpg", quality=90)
+    return root
 
 
 def input_pipeline_throughput(data_dir: str | os.PathLike | None = None, batch_size: int = 32,
-                              image_size: int = 224, batches: int = 20) -> dict:
-    """Images/s the JPEG pipeline delivers as numpy batches on this host (and per core), after warm-up."""
-    warmup = 3
+                              image_size: int = 224, epochs: int = 2) -> dict:
+    """Images/s that ``train.py``'s own input pipeline (``jaxnets.data``: decode, random-resized crop,
+    flip, normalize, in parallel) delivers as numpy batches on this host, and per core, over ``epochs``
+    epochs after a warm-up epoch. ``data_dir`` is an image folder as ``--dataset`` takes it."""
+    from jaxnets.data import DataConfig, load_dataset
+
     with tempfile.TemporaryDirectory(prefix="jaxnets-jpegs-") as tmp:
-        files = jpeg_files(data_dir) if data_dir else [str(p) for p in write_jpeg_folder(tmp, size=image_size)]
-        # A finite pipeline, read to its end: no reader is left running when the folder goes away.
-        pipeline = jpeg_train_pipeline(files, batch_size, image_size, (warmup + batches) * batch_size)
-        batches_iter = pipeline.as_numpy_iterator()
-        for _ in range(warmup):
-            next(batches_iter)
-        start = time.perf_counter()
-        for _ in batches_iter:
+        root = data_dir or write_image_folder(tmp, size=image_size)
+        dataset = load_dataset(DataConfig(dataset=os.fspath(root), image_size=image_size, batch_size=batch_size))
+        if dataset.steps_per_epoch < 1:
+            raise ValueError(f"--data-dir: {root} has {len(dataset.train)} training images, fewer than a batch "
+                             f"of {batch_size}")
+        for _ in dataset.train_batches(epoch=0):
             pass
-        images_per_s = batches * batch_size / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for epoch in range(1, epochs + 1):
+            for _ in dataset.train_batches(epoch):
+                pass
+        images_per_s = epochs * dataset.steps_per_epoch * batch_size / (time.perf_counter() - start)
+        source = os.fspath(data_dir) if data_dir else f"{len(dataset.train)} generated {image_size}px JPEGs"
     cores = num_threads()
     return {"images_per_s": images_per_s, "images_per_s_per_core": images_per_s / cores, "cores": cores,
-            "source": os.fspath(data_dir) if data_dir else f"{len(files)} generated {image_size}px JPEGs"}
+            "source": source}
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -515,7 +487,8 @@ def report(results: Sequence[Result], context: dict) -> str:
                   f"whole process {cold['process_s']:.1f} s / {warm['process_s']:.1f} s."]
     if "input_pipeline" in context:
         pipe = context["input_pipeline"]
-        lines += ["", f"Input pipeline ({pipe['source']}, decode + random-resized crop + flip + normalize): "
+        lines += ["", f"Input pipeline of train.py ({pipe['source']}, decode + random-resized crop + flip + "
+                  "normalize): "
                   f"{pipe['images_per_s']:.0f} images/s, {pipe['images_per_s_per_core']:.0f} per core "
                   f"({pipe['cores']} cores)."]
         train = [r for r in results if r.mode == "train"]
@@ -549,7 +522,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="do not time the first step in two fresh processes (cold / warm cache)")
     parser.add_argument("--skip-input-pipeline", action="store_true", help="do not time the JPEG input pipeline")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="JPEG folder for the input-pipeline timing (default: generated JPEGs)")
+                        help="image folder (class subfolders, as train.py --dataset takes) for the input-pipeline "
+                             "timing (default: generated JPEGs)")
     parser.add_argument("--output", type=Path, default=None,
                         help="write the markdown report here (--all: default benchmark.md)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
@@ -583,6 +557,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(first_step(args.model, mode, args.batch_size, args.image_size, args.dtype)))
         return 0
 
+    pipeline = None
+    if not args.skip_input_pipeline:  # first: a folder it cannot read fails before minutes of model timing
+        try:
+            pipeline = input_pipeline_throughput(args.data_dir, args.batch_size)
+        except ValueError as error:  # jaxnets.data.DataError
+            print(f"python -m jaxnets.benchmark: error: {error}", file=sys.stderr)
+            return 1
     models = list_models() if args.all else [args.model]
     modes = MODE_CHOICES[args.mode]
     results = []
@@ -604,8 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_cache_check:
         context["compile_cache"] = compile_cache_times(args.model, modes[0], args.batch_size, args.image_size,
                                                        args.dtype)
-    if not args.skip_input_pipeline:
-        context["input_pipeline"] = input_pipeline_throughput(args.data_dir, args.batch_size)
+    if pipeline:
+        context["input_pipeline"] = pipeline
     text = report(results, context)
     print("\n" + text)
     if args.output:

@@ -82,11 +82,13 @@ def test_persistent_cache_makes_the_second_run_skip_compilation(tmp_path):
     assert times["warm"]["cache_misses"] == 0 and times["warm"]["cache_hits"] == times["cold"]["cache_misses"]
 
 
-def test_input_pipeline_delivers_batches(tmp_path):
-    benchmark.write_jpeg_folder(tmp_path, count=4, size=48)
-    result = benchmark.input_pipeline_throughput(tmp_path, batch_size=4, image_size=32, batches=2)
+def test_input_pipeline_is_train_py_s_and_delivers_batches(tmp_path):
+    root = benchmark.write_image_folder(tmp_path, count=8, size=48)
+    result = benchmark.input_pipeline_throughput(root, batch_size=4, image_size=32, epochs=1)
     assert result["images_per_s"] > 0 and result["cores"] >= 1
     assert result["images_per_s_per_core"] == pytest.approx(result["images_per_s"] / result["cores"])
+    generated = benchmark.input_pipeline_throughput(None, batch_size=4, image_size=32, epochs=1)
+    assert generated["source"] == "256 generated 32px JPEGs"
 
 
 def test_cli_writes_report_and_json(tmp_path, monkeypatch):
@@ -118,6 +120,10 @@ def test_cli_rejects_bad_flags(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_empty_data_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="--data-dir: no .jpg/.jpeg files under"):
-        benchmark.jpeg_files(tmp_path)
+def test_data_dir_without_images_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark.training, "setup_compilation_cache", lambda directory: None)
+    monkeypatch.setattr(benchmark, "benchmark_model", lambda *args: pytest.fail("the folder is checked first"))
+    (tmp_path / "cat").mkdir()
+    assert benchmark.main(["--data-dir", str(tmp_path), "--skip-cache-check", "--system-malloc"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-1].startswith("python -m jaxnets.benchmark: error: ") and "no readable" in errors[-1], errors
