@@ -164,7 +164,7 @@ def setup_jax(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtyp
     variables = training.init_variables(model, images.shape[1], 0, mesh)
     batch = parallel.to_global({"image": images, "label": labels.astype(np.int32)}, mesh)
     if mode == "infer":
-        step = jax.jit(partial(model.apply, train=False))
+        step = jax.jit(partial(model.apply, train=False), compiler_options=host.xla_cpu_options())
         start = time.perf_counter()
         compiled = step.lower(variables, batch["image"]).compile()
         compile_s = time.perf_counter() - start

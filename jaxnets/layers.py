@@ -80,92 +80,18 @@ class Conv2d(nn.Module):
         if (kh, kw) == (1, 1) and self.groups == 1 and pad == (0, 0):
             y = pointwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), _pair(self.stride))
         else:
-            y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), _pair(self.stride), pad, self.groups)
+            y = lax.conv_general_dilated(
+                x.astype(self.dtype), kernel.astype(self.dtype),
+                window_strides=_pair(self.stride),
+                padding=[(pad[0], pad[0]), (pad[1], pad[1])],
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=self.groups,
+            )
         if self.use_bias:
             fan_in = kh * kw * in_features // self.groups
             bias_init = self.bias_init or torch_default_bias_init(fan_in)
             y = y + self.param("bias", bias_init, (self.features,)).astype(self.dtype)
         return y
-
-
-def conv2d(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int], groups: int = 1) -> Array:
-    """``torch.nn.functional.conv2d`` on NHWC input and an HWIO kernel, padded symmetrically.
-
-    Large layers (see ``IM2COL_MIN_WORK``) compute their kernel gradient on the CPU as blocked
-    matrix products (``im2col_kernel_grad``); being ``custom_vjp`` functions, they support reverse-mode
-    differentiation only (``jax.grad``, ``jax.vjp``), like every training step.
-    """
-    kh, kw, cin, cout = kernel.shape
-    out_h = (x.shape[1] + 2 * padding[0] - kh) // stride[0] + 1
-    out_w = (x.shape[2] + 2 * padding[1] - kw) // stride[1] + 1
-    if groups == 1 and out_h * out_w * cin * cout >= IM2COL_MIN_WORK:
-        return _conv_im2col_grad(x, kernel, stride, padding)
-    return _xla_conv(x, kernel, stride, padding, groups)
-
-
-# Output positions x input channels x output channels of a layer from which its CPU kernel gradient is
-# computed by im2col_kernel_grad: VGG-16's 3x3 layers (5e7 to 2e8), not ResNet's (1.3e7 each), whose
-# kernel gradients XLA:CPU computes as fast itself.
-IM2COL_MIN_WORK = 2**24
-
-
-def _xla_conv(x, kernel, stride, padding, groups=1):
-    return lax.conv_general_dilated(x, kernel, window_strides=stride, padding=[(p, p) for p in padding],
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_im2col_grad(x, kernel, stride, padding):
-    return _xla_conv(x, kernel, stride, padding)
-
-
-def _conv_im2col_grad_fwd(x, kernel, stride, padding):
-    return _xla_conv(x, kernel, stride, padding), (x, kernel)
-
-
-def _conv_im2col_grad_bwd(stride, padding, residuals, dy):
-    x, kernel = residuals
-    (dx,) = jax.vjp(lambda x: _xla_conv(x, kernel, stride, padding), x)[1](dy)
-
-    def xla_kernel_grad(x, dy):
-        return jax.vjp(lambda k: _xla_conv(x, k, stride, padding), kernel)[1](dy)[0]
-    cpu_kernel_grad = partial(im2col_kernel_grad, kernel_shape=kernel.shape, stride=stride, padding=padding)
-    return dx, lax.platform_dependent(x, dy, cpu=cpu_kernel_grad, default=xla_kernel_grad)
-
-
-_conv_im2col_grad.defvjp(_conv_im2col_grad_fwd, _conv_im2col_grad_bwd)
-
-# Bytes of patches one block of im2col_kernel_grad may build: big enough for efficient matrix products.
-IM2COL_BLOCK_BYTES = 128 * 2**20
-
-
-def im2col_kernel_grad(x: Array, dy: Array, kernel_shape: tuple[int, ...], stride: tuple[int, int],
-                        padding: tuple[int, int]) -> Array:
-    """A convolution's kernel gradient as matrix products of input patches with the output gradient.
-
-    XLA:CPU's own kernel-gradient convolution slows down on large layers: 957 ms against 452 ms for
-    VGG-16's 224x224x64 layer at batch 16, 826 against 255 ms at 112x112x128, 249 against 158 ms at
-    28x28x512. The patches are built a block of output rows at a time, so memory stays bounded.
-    """
-    kh, kw, cin, cout = kernel_shape
-    (sh, sw), (ph, pw) = stride, padding
-    n, out_h, out_w, _ = dy.shape
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    row_bytes = n * out_w * kh * kw * cin * x.dtype.itemsize
-    rows = max([r for r in range(1, out_h + 1) if out_h % r == 0 and r * row_bytes <= IM2COL_BLOCK_BYTES] or [1])
-    span_h, span_w = sh * (rows - 1) + 1, sw * (out_w - 1) + 1
-
-    def block_grad(block: Array) -> Array:
-        x_rows = lax.dynamic_slice_in_dim(xp, block * rows * sh, span_h + kh - 1, axis=1)
-        dy_rows = lax.dynamic_slice_in_dim(dy, block * rows, rows, axis=1)
-        patches = jnp.concatenate([x_rows[:, i:i + span_h:sh, j:j + span_w:sw]
-                                   for i in range(kh) for j in range(kw)], axis=-1)
-        return lax.dot_general(patches, dy_rows, (((0, 1, 2), (0, 1, 2)), ((), ())),
-                               preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
-
-    zeros = jnp.zeros((kh * kw * cin, cout), jnp.promote_types(x.dtype, jnp.float32))
-    grad = lax.fori_loop(0, out_h // rows, lambda block, acc: acc + block_grad(block), zeros)
-    return grad.reshape(kh, kw, cin, cout).astype(dy.dtype)
 
 
 def pointwise_conv(x: Array, kernel: Array, stride: tuple[int, int]) -> Array:

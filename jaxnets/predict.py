@@ -23,6 +23,7 @@ import numpy as np
 from flax import linen as nn
 from PIL import Image
 
+from jaxnets import host
 from jaxnets.registry import EvalTransform, get_spec, imagenet_categories
 from jaxnets.weights import WeightsFile, instantiate, open_pretrained
 
@@ -67,7 +68,7 @@ def center_crop(image: Image.Image, crop: int) -> Image.Image:
 
 def make_forward(model: nn.Module) -> Callable[[Any, np.ndarray], jax.Array]:
     """The jitted eval-mode forward pass: logits for a batch (compiled once per batch shape)."""
-    return jax.jit(partial(model.apply, train=False))
+    return jax.jit(partial(model.apply, train=False), compiler_options=host.xla_cpu_options())
 
 
 def batch_logits(forward: Callable, variables: Any, images: np.ndarray, batch_size: int) -> np.ndarray:

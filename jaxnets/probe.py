@@ -6,10 +6,10 @@ over a mesh), standardized, and fed to ``LinearSVC`` or ``LogisticRegression``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterable
-from functools import partial
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
+
+from jaxnets import host
 
 PROBES = ("svm", "logreg")
 FEATURES_FILE = "probe_features.npz"
@@ -53,16 +55,19 @@ def extract_features(model: nn.Module, variables: Any, batches: Iterable[tuple[n
         if batch_sharding is not None:
             images = jax.device_put(images, batch_sharding)
         # Dispatched asynchronously: the next batch is prepared while this one runs.
-        outputs.append((_pre_logits(model, variables, images), n))
+        outputs.append((_pre_logits(model)(variables, images), n))
         labels.append(batch_labels)
     if not outputs:
         raise ValueError("extract_features: no batches")
     return np.concatenate([np.asarray(out)[:n] for out, n in outputs]), np.concatenate(labels)
 
 
-@partial(jax.jit, static_argnums=0)
-def _pre_logits(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
-    return model.apply(variables, images, train=False, pre_logits=True).astype(jnp.float32)
+@functools.cache
+def _pre_logits(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
+    """The jitted feature extractor of ``model``: compiled once per model and batch shape."""
+    def features(variables: Any, images: jax.Array) -> jax.Array:
+        return model.apply(variables, images, train=False, pre_logits=True).astype(jnp.float32)
+    return jax.jit(features, compiler_options=host.xla_cpu_options())
 
 
 def linear_probe(model: nn.Module, variables: Any, train_batches: Iterable, val_batches: Iterable, *,

@@ -27,7 +27,7 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from jaxnets import parallel, transfer
+from jaxnets import host, parallel, transfer
 from jaxnets.checkpointing import Checkpointer
 from jaxnets.config import TrainConfig, peak_learning_rate, resolve, resume_mismatch
 from jaxnets.data import Dataset, load_dataset
@@ -176,7 +176,7 @@ def make_train_step(mesh: Any, *, label_smoothing: float = 0.0, aux_weight: floa
 
     replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     return jax.jit(train_step, in_shardings=(replicated, split), out_shardings=(replicated, replicated),
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=host.xla_cpu_options())
 
 
 def make_eval_step(mesh: Any, num_classes: int):
@@ -195,7 +195,8 @@ def make_eval_step(mesh: Any, num_classes: int):
                 "top5": jnp.sum(in_top5 * mask), "count": jnp.sum(mask), "confusion": confusion}
 
     replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    return jax.jit(eval_step, in_shardings=(replicated, split), out_shardings=replicated)
+    return jax.jit(eval_step, in_shardings=(replicated, split), out_shardings=replicated,
+                   compiler_options=host.xla_cpu_options())
 
 
 def evaluate(eval_step, state: TrainState, batches: Iterator[dict], mesh: Any) -> tuple[dict[str, float], np.ndarray]:

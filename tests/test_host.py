@@ -1,11 +1,17 @@
-"""jaxnets.host: freed memory stays in the process, so a new buffer costs no page faults."""
+"""jaxnets.host: freed memory stays in the process, so a new buffer costs no page faults; the XLA:CPU
+compile options apply where XLA accepts them."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from functools import partial
 
+import jax
+import jax.numpy as jnp
 import pytest
+
+from jaxnets import host
 
 # What XLA:CPU does on every step: allocate a large buffer, write it, free it. Counted with glibc's malloc
 # directly, so that no asynchronous free of the JAX runtime blurs the count.
@@ -37,3 +43,25 @@ def test_retained_memory_is_reused_without_page_faults():
     pages = 2**27 // 4096
     assert faults("default") > pages // 2  # glibc gave the buffer back to the kernel: fresh pages again
     assert faults("retain") < pages // 100
+
+
+@pytest.fixture
+def fresh_options():
+    host.xla_cpu_options.cache_clear()
+    yield
+    host.xla_cpu_options.cache_clear()
+
+
+def test_xla_cpu_options_keep_convolutions_out_of_ynnpack(fresh_options):
+    options = host.xla_cpu_options()
+    if not options:
+        pytest.skip("this XLA:CPU has no YNNPACK fusion options")
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    conv = partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
+                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert "__ynn_fusion" not in jax.jit(conv, compiler_options=options).lower(x, w).compile().as_text()
+
+
+def test_xla_cpu_options_are_empty_where_xla_rejects_them(fresh_options, monkeypatch):
+    monkeypatch.setattr(host, "_CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    assert host.xla_cpu_options() == {}

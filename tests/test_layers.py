@@ -84,33 +84,6 @@ def test_conv_pads_symmetrically_like_torch(kernel, stride, padding, groups):
         np.testing.assert_allclose(conv.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel,stride,padding,size", [(3, 1, 1, (13, 10)), (3, 2, 1, (12, 9)), (11, 4, 2, (35, 31)),
-                                                          (5, 1, 2, (9, 9)), (7, 2, 3, (16, 14))])
-def test_im2col_kernel_gradient_matches_torch_in_float64(monkeypatch, kernel, stride, padding, size):
-    """Large layers take their CPU kernel gradient from blocked im2col matrix products: forced here on small
-    layers, with blocks of a few output rows, it must give torch's gradients to float64 rounding."""
-    monkeypatch.setattr(layers, "IM2COL_MIN_WORK", 0)
-    monkeypatch.setattr(layers, "IM2COL_BLOCK_BYTES", 2 * 8 * size[1] * kernel * kernel * 3)  # ~2 rows per block
-    rng = np.random.default_rng(kernel)
-    x, w = rng.standard_normal((2, *size, 3)), rng.standard_normal((kernel, kernel, 3, 5))
-    x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
-    w_torch = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
-    y_torch = F.conv2d(x_torch, w_torch, stride=stride, padding=padding)
-    g = rng.standard_normal(y_torch.shape)
-    y_torch.backward(torch.from_numpy(g))
-
-    def conv(x, w):
-        return layers.conv2d(x, w, (stride, stride), (padding, padding))
-    with jax.enable_x64(True):
-        y, vjp = jax.vjp(conv, x, w)
-        dx, dw = vjp(g.transpose(0, 2, 3, 1))
-        loop = "scan" in str(jax.make_jaxpr(lambda x, w: jax.vjp(conv, x, w)[1](y)[1])(x, w))
-    assert loop, "the blocked im2col kernel gradient did not run"
-    np.testing.assert_allclose(y, nhwc(y_torch.detach()), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(dx, nhwc(x_torch.grad), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(dw, w_torch.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-10, atol=1e-10)
-
-
 def test_max_pool_supports_forward_mode_differentiation():
     x = rand(2, 9, 9, 3)
     tangent = rand(2, 9, 9, 3, seed=1)
