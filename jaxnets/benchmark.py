@@ -49,6 +49,7 @@ AUX_LOSS_WEIGHT = 0.3  # torchvision's reference recipe for GoogLeNet's auxiliar
 # XLA flags the benchmark sets before JAX starts its backend. None, on measurement: on XLA:CPU
 # (jax 0.10) --xla_cpu_use_onednn, --xla_cpu_use_xnnpack, --xla_cpu_enable_fast_math and
 # --xla_cpu_use_fusion_emitters=false left a ResNet-50 training step's CPU time within 5% (noise).
+# What does help, convolutions off YNNPACK, is a per-step compile option: jaxnets.host.xla_cpu_options.
 CPU_XLA_FLAGS: tuple[str, ...] = ()
 
 
@@ -592,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_cache_check:
         context["compile_cache"] = compile_cache_times(args.model, modes[0], args.batch_size, args.image_size,
                                                        args.dtype)
-    if pipeline:
+    if pipeline is not None:
         context["input_pipeline"] = pipeline
     text = report(results, context)
     print("\n" + text)

@@ -2,8 +2,9 @@
 
 XLA:CPU allocates a step's buffers afresh on every call. glibc serves large allocations with
 ``mmap`` and gives them back to the kernel on ``free``, so every step touches hundreds of MB of
-new pages, and on a VM each page fault costs about a microsecond: a quarter of a ResNet-50
-training step's time went to the kernel. Keeping freed memory in the process removes that cost.
+new pages, and on a VM each page fault costs about a microsecond (a 128 MiB elementwise op: 25 ms
+instead of 6). Keeping freed memory in the process removes that cost: ResNet-50 training step
+2.38 -> 2.13 s, inference 487 -> 428 ms on a 2-core CPU.
 
 XLA:CPU (jax 0.10) hands convolutions to YNNPACK by default; its own (Eigen) convolutions are
 faster for these networks on x86, the backward pass above all (a 56x56x64 3x3 conv: 72 -> 41 ms

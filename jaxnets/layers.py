@@ -215,15 +215,14 @@ def _max_pool_jvp(kernel, stride, pads, primals, tangents):
     y = _max_pool(x, kernel, stride, pads)
     _, out_h, out_w, _ = y.shape
     span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
-    offsets = list(itertools.product(range(kernel), repeat=2))
-    windows = [(slice(None), slice(i, i + span_h, stride), slice(j, j + span_w, stride)) for i, j in offsets]
+    windows = [(slice(None), slice(i, i + span_h, stride), slice(j, j + span_w, stride))
+               for i, j in itertools.product(range(kernel), repeat=2)]
     xp = jnp.pad(x, pads, constant_values=-np.inf)
     # Padding never wins, even in a window of -inf: torch's windows stop at the edge.
     inside = np.pad(np.ones(x.shape[1:3], bool), pads[1:3])
     # The offset of each window's first maximum: scan backwards so that the earliest match wins.
-    first = jnp.full(y.shape, len(offsets), jnp.int32)
-    for k in reversed(range(len(offsets))):
-        window = windows[k]
+    first = jnp.full(y.shape, len(windows), jnp.int32)
+    for k, window in reversed(list(enumerate(windows))):
         first = jnp.where((xp[window] == y) & inside[window[1:]][None, :, :, None], k, first)
     dxp = jnp.pad(dx, pads)
     zero = jnp.zeros((), dx.dtype)
