@@ -46,7 +46,7 @@ def test_max_pool_matches_torch_at_every_size(kernel, stride, padding, ceil_mode
 @pytest.mark.parametrize("kernel,stride,padding,ceil_mode",
                          [(3, 2, 0, True), (3, 2, 1, False), (2, 2, 0, False), (3, 1, 1, True), (3, 3, 1, True)])
 def test_max_pool_gradient_matches_torch_with_ties_and_infinities(kernel, stride, padding, ceil_mode):
-    """The custom VJP gives each window's gradient to its first maximum, as torch does, also when every
+    """The custom gradient gives each window's gradient to its first maximum, as torch does, also when every
     value of a window ties (small integers) or is -inf (never to the padding)."""
     def grad(x, g, *static):
         return jax.vjp(lambda x: layers.max_pool(x, *static), x)[1](g)[0]
