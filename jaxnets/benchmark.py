@@ -305,8 +305,8 @@ class Result:
         return data
 
 
-def time_interleaved(fns: Sequence[Callable[[], Any]], warmup: int, iters: int) -> list[float]:
-    """Median seconds per call of each of ``fns``, calling them in turn, so that a machine whose load
+def time_interleaved(fns: Sequence[Callable[[], Any]], warmup: int, iters: int) -> list[list[float]]:
+    """Seconds of each timed call of each of ``fns``, calling them in turn, so that a machine whose load
     changes during the run (shared CI, other jobs) slows all of them alike and their ratio holds."""
     times: list[list[float]] = [[] for _ in fns]
     for i in range(warmup + iters):
@@ -315,7 +315,7 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], warmup: int, iters: int) 
             fn()
             if i >= warmup:
                 fn_times.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    return times
 
 
 def step_memory(compiled: Any) -> int | None:
@@ -345,9 +345,12 @@ def benchmark_model(name: str, mode: str, batch_size: int, image_size: int, dtyp
     steps = [setup.call, matmul]
     if compare_torch:
         steps.append(setup_torch(name, mode, images, labels, dtype, num_threads()))
-    step_s, matmul_s, *torch_step_s = time_interleaved(steps, warmup, iters)
-    return Result(name, mode, batch_size, image_size, dtype, step_s, setup.compile_s, compiled_flops(setup.compiled),
-                  step_memory(setup.compiled), torch_step_s[0] if torch_step_s else None, matmul_flops / matmul_s)
+    step_times, matmul_times, *torch_times = time_interleaved(steps, warmup, iters)
+    # Steps: the median. The peak: the fastest matmul, what the machine can do (one slowed by a
+    # neighbour's burst would inflate the fraction of peak).
+    return Result(name, mode, batch_size, image_size, dtype, statistics.median(step_times), setup.compile_s,
+                  compiled_flops(setup.compiled), step_memory(setup.compiled),
+                  statistics.median(torch_times[0]) if torch_times else None, matmul_flops / min(matmul_times))
 
 
 # --- compile cache: time to first step in a fresh process --------------------------------------
