@@ -183,13 +183,13 @@ def _normalize(x: Array, scale: Array, bias: Array, mean: Array, var: Array, eps
     return x * mul.astype(dtype) + add.astype(dtype)
 
 
-def _batch_statistics(x: Array) -> tuple[Array, Array, Array]:
-    """x in float32 (bfloat16 -> float32, float64 stays), its per-channel mean and biased variance."""
+def _batch_statistics(x: Array) -> tuple[Array, Array]:
+    """Per-channel mean and biased variance, in float32 at least (bfloat16 -> float32, float64 stays)."""
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(xf, axes)
     # E[(x - mean)^2] is numerically safer than E[x^2] - mean^2 in float32.
-    return xf, mean, jnp.mean(jnp.square(xf - mean), axes)
+    return mean, jnp.mean(jnp.square(xf - mean), axes)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -201,12 +201,11 @@ def _batch_norm_train(x: Array, scale: Array, bias: Array, eps: float, dtype: Dt
     As with any ``custom_vjp``, forward-mode differentiation (``jax.jvp``) of a training-mode
     BatchNorm is not available; eval mode has no such limit.
     """
-    _, mean, var = _batch_statistics(x)
-    return _normalize(x, scale, bias, mean, var, eps, dtype), mean, var
+    return _batch_norm_train_fwd(x, scale, bias, eps, dtype)[0]
 
 
 def _batch_norm_train_fwd(x, scale, bias, eps, dtype):
-    _, mean, var = _batch_statistics(x)
+    mean, var = _batch_statistics(x)
     outputs = _normalize(x, scale, bias, mean, var, eps, dtype), mean, var
     return outputs, (x, scale, mean, lax.rsqrt(var + eps))
 
