@@ -7,6 +7,7 @@ cost analysis against a large matmul timed in the same run.
 
     python -m jaxnets.benchmark --model resnet50 --batch-size 16 --mode both --compare-torch
     python -m jaxnets.benchmark --all --compare-torch --output benchmark.md
+    python -m jaxnets.benchmark --model vgg16 --conv-layers    # where: each convolution alone
 
 What is timed is ``jaxnets.training``'s jitted, state-donating train step (SGD, momentum 0.9; with
 ``probe`` the backbone frozen as ``--freeze backbone`` does) or the jitted eval forward, after
@@ -535,6 +536,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc as it is (default: both libraries run with jaxnets.host."
                              "retain_freed_memory, which spares XLA:CPU and torch the page faults of fresh buffers)")
+    parser.add_argument("--conv-layers", action="store_true",
+                        help="instead of whole steps, time each convolution of the model alone, forward and "
+                             "backward, in jaxnets and torch (jaxnets.conv_timing)")
     parser.add_argument("--first-step", action="store_true", help=argparse.SUPPRESS)  # child of the cache check
     args = parser.parse_args(argv)
     for flag in ("batch_size", "image_size", "iters"):
@@ -562,6 +566,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(first_step(args.model, mode, args.batch_size, args.image_size, args.dtype)))
         return 0
 
+    models = list_models() if args.all else [args.model]
+    if args.conv_layers:
+        return _conv_layers(models, args)
     if args.compare_torch:
         import torchvision  # noqa: F401  before TensorFlow (the input pipeline): the other order segfaults
     pipeline = None
@@ -571,7 +578,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as error:  # jaxnets.data.DataError
             print(f"python -m jaxnets.benchmark: error: {error}", file=sys.stderr)
             return 1
-    models = list_models() if args.all else [args.model]
     modes = MODE_CHOICES[args.mode]
     results = []
     for name in models:
@@ -604,6 +610,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.output.write_text(text + "\n", encoding="utf-8")
     if args.json:
         args.json.write_text(json.dumps({"context": context, "results": [r.as_dict() for r in results]}, indent=2))
+    return 0
+
+
+def _conv_layers(models: Sequence[str], args: argparse.Namespace) -> int:
+    from jaxnets import conv_timing
+
+    tables = []
+    for name in models:
+        timings = conv_timing.time_conv_layers(name, args.batch_size, args.image_size, args.warmup, args.iters)
+        tables.append(conv_timing.conv_table(name, timings))
+        print(tables[-1] + "\n", flush=True)
+    if args.output:
+        args.output.write_text("\n\n".join(tables) + "\n", encoding="utf-8")
     return 0
 
 
