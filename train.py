@@ -128,4 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxnets import host
+
+    host.use_tcmalloc()  # restarts this command on tcmalloc where the system has it (JAXNETS_ALLOCATOR=glibc: not)
     sys.exit(main())

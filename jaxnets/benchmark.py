@@ -470,10 +470,6 @@ def markdown_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-_ALLOCATOR = {True: "freed memory retained for both libraries (jaxnets.host.retain_freed_memory)",
-              False: "glibc defaults"}
-
-
 def report(results: Sequence[Result], context: dict) -> str:
     """The markdown report: where and how it was measured, the table, then the run-level numbers."""
     lines = [f"Measured {context['date']} on {context['device']} (jax {jax.__version__}"
@@ -482,7 +478,7 @@ def report(results: Sequence[Result], context: dict) -> str:
              f"Peak {context['dtype']} matmul (fastest, timed between the steps): "
              f"{context['peak_flops'] / 1e9:.0f} GFLOP/s. "
              f"Peak memory: {context['memory_bytes'] / 2**20:.0f} MiB ({context['memory_source']}). "
-             f"Host allocator: {_ALLOCATOR[bool(context.get('retain_freed_memory'))]}.", "",
+             f"Host allocator, for both libraries: {context['allocator']}.", "",
              markdown_table(results)]
     if "compile_cache" in context:
         cold, warm = context["compile_cache"]["cold"], context["compile_cache"]["warm"]
@@ -534,7 +530,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="write the markdown report here (--all: default benchmark.md)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (default: both libraries run with jaxnets.host."
+                        help="run on the system's malloc as it is (default: both libraries run on tcmalloc where the "
+                             "system has it, jaxnets.host.use_tcmalloc, else on glibc's with jaxnets.host."
                              "retain_freed_memory, which spares XLA:CPU and torch the page faults of fresh buffers)")
     parser.add_argument("--conv-layers", action="store_true",
                         help="instead of whole steps, time each convolution of the model alone, forward and "
@@ -595,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "command": " ".join(["python -m jaxnets.benchmark", *(argv if argv is not None else sys.argv[1:])]),
                "peak_flops": peak_flops,
                "memory_bytes": memory_bytes, "memory_source": memory_source,
-               "model": args.model, "cache_mode": modes[0], "retain_freed_memory": retained}
+               "model": args.model, "cache_mode": modes[0], "retain_freed_memory": retained,
+               "allocator": host.allocator_description(retained)}
     if args.compare_torch:
         import torch
         context["torch"] = torch.__version__
@@ -627,4 +625,6 @@ def _conv_layers(models: Sequence[str], args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    if "--system-malloc" not in sys.argv[1:]:
+        host.use_tcmalloc()  # restarts this command on tcmalloc where the system has it
     sys.exit(main())

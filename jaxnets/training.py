@@ -341,11 +341,17 @@ def describe_run(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainS
     return (f"{config.model} ({num_params / 1e6:.1f}M params, {config.dtype}) on {dataset.name}: "
             f"{len(dataset.train)} train / {len(dataset.val)} val images, {dataset.num_classes} classes, "
             f"{config.image_size}px; {len(devices)} {devices[0].platform} device(s) in {jax.process_count()} "
-            f"process(es), global batch {config.batch_size}, {dataset.steps_per_epoch} steps/epoch x "
-            f"{config.epochs} epochs; {config.optimizer} peak lr {peak_learning_rate(config):.4g} "
+            f"process(es){_host_malloc(devices[0].platform)}, global batch {config.batch_size}, "
+            f"{dataset.steps_per_epoch} steps/epoch x {config.epochs} epochs; "
+            f"{config.optimizer} peak lr {peak_learning_rate(config):.4g} "
             f"(= {config.lr:g} x {config.batch_size}/256), {config.schedule} schedule"
             + (f"; backbone lr x {config.backbone_lr_mult:g}" if config.backbone_lr_mult != 1.0 else "")
             + (f"; layer-wise lr decay {config.layer_decay:g}" if config.layer_decay != 1.0 else ""))
+
+
+def _host_malloc(platform: str) -> str:
+    """On CPUs, which malloc serves XLA: it changes step times by up to a fifth (jaxnets.host)."""
+    return f", malloc: {host.running_allocator()}" if platform == "cpu" else ""
 
 
 def _check_resumable(checkpointer: Checkpointer, config: TrainConfig) -> int | None:

@@ -104,7 +104,7 @@ def test_cli_writes_report_and_json(tmp_path, monkeypatch):
     assert code == 0 and caches == [str(tmp_path / "cache")]
     text = out.read_text()
     assert "| resnet18 | infer | 2 | 32 | float32 |" in text and "Command: `python -m jaxnets.benchmark" in text
-    assert "Host allocator: glibc defaults." in text
+    assert "Host allocator, for both libraries: glibc defaults." in text
     data = json.loads(js.read_text())
     assert data["results"][0]["model"] == "resnet18" and data["results"][0]["images_per_s"] > 0
 

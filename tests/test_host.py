@@ -1,8 +1,10 @@
-"""jaxnets.host: freed memory stays in the process, so a new buffer costs no page faults; the XLA:CPU
-compile options apply where XLA accepts them."""
+"""jaxnets.host: freed memory stays in the process, so a new buffer costs no page faults; command-line
+programs restart on tcmalloc where the system has it; the XLA:CPU compile options apply where XLA accepts
+them."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from functools import partial
@@ -43,6 +45,49 @@ def test_retained_memory_is_reused_without_page_faults():
     pages = 2**27 // 4096
     assert faults("default") > pages // 2  # glibc gave the buffer back to the kernel: fresh pages again
     assert faults("retain") < pages // 100
+
+
+def test_tcmalloc_environment_preloads_it_once():
+    env = host.tcmalloc_environment({"PATH": "/bin"}, "libtcmalloc_minimal.so.4")
+    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4" and env["PATH"] == "/bin"
+    assert env["TCMALLOC_RELEASE_RATE"] == "0"  # freed memory stays in the process
+    # A preload of the user's is kept, and so is a tcmalloc setting of theirs.
+    env = host.tcmalloc_environment({"LD_PRELOAD": "libfoo.so", "TCMALLOC_RELEASE_RATE": "1"}, "libtcmalloc.so.4")
+    assert env["LD_PRELOAD"] == "libtcmalloc.so.4 libfoo.so" and env["TCMALLOC_RELEASE_RATE"] == "1"
+    assert host.tcmalloc_environment(env, "libtcmalloc.so.4") is None  # the restarted process: never again
+    for environ, library in [({}, None), ({"JAXNETS_ALLOCATOR": "glibc"}, "libtcmalloc.so.4"),
+                             ({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}, "libtcmalloc.so.4")]:
+        assert host.tcmalloc_environment(environ, library) is None
+
+
+# A command line with arguments, as train.py's: what it runs on once use_tcmalloc has had its say.
+RESTARTED = """
+import os, sys
+from jaxnets import host
+host.use_tcmalloc()
+print(host.running_allocator(), os.environ.get("TCMALLOC_RELEASE_RATE"), host.retain_freed_memory(), sys.argv[1:])
+"""
+
+
+def restarted(**environ: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RESTARTED, "--model", "resnet18"], capture_output=True, text=True,
+                          env={**os.environ, **environ})
+
+
+def test_use_tcmalloc_restarts_the_command_on_it_where_the_system_has_it():
+    run = restarted()
+    assert run.returncode == 0, run.stderr
+    # Where the system has no tcmalloc (pip cannot install it), the command goes on, on glibc.
+    on_tcmalloc = host.tcmalloc_library() is not None
+    expected = "tcmalloc 0 False" if on_tcmalloc else "glibc None True"
+    assert run.stdout.strip() == f"{expected} ['--model', 'resnet18']"
+    assert restarted(JAXNETS_ALLOCATOR="glibc").stdout.startswith("glibc None True")
+
+
+def test_unknown_allocator_choice_is_a_one_line_error():
+    run = restarted(JAXNETS_ALLOCATOR="jemalloc")
+    assert run.returncode == 1 and not run.stdout
+    assert run.stderr.strip() == "error: JAXNETS_ALLOCATOR='jemalloc': expected 'tcmalloc' or 'glibc'"
 
 
 @pytest.fixture
