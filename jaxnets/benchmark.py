@@ -195,17 +195,22 @@ def setup_jax(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtyp
 # --- torchvision steps -----------------------------------------------------------------------
 
 
+def torchvision_model(name: str) -> Any:
+    """torchvision's ``name`` with random weights (GoogLeNet told to initialize, which silences its warning)."""
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, **({"init_weights": True} if name == "googlenet" else {}))
+
+
 def setup_torch(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtype: str,
                 threads: int) -> Callable[[], None]:
     """torchvision's eager model on the same values: ``train()`` + SGD step, or ``eval()`` + inference_mode."""
     import torch
-    import torchvision
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-    kwargs = {"init_weights": True} if name == "googlenet" else {}  # silences torchvision's init warning
-    model = torchvision.models.get_model(name, weights=None, **kwargs).to(device)
+    model = torchvision_model(name).to(device)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
     y = torch.from_numpy(labels).to(device)
     # Same semantics as jaxnets' dtype: float32 parameters, bfloat16 compute.

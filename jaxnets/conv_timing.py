@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnets import host, layers
-from jaxnets.benchmark import num_threads, time_calls
+from jaxnets.benchmark import num_threads, time_calls, torchvision_model
 
 
 class ConvLayer(NamedTuple):
@@ -64,9 +64,8 @@ class ConvTiming(NamedTuple):
 def conv_layers(name: str, batch_size: int, image_size: int) -> list[ConvLayer]:
     """``name``'s convolutions in the order they run, one entry per distinct configuration."""
     import torch
-    import torchvision
 
-    model = torchvision.models.get_model(name, weights=None, **({"init_weights": True} if name == "googlenet" else {}))
+    model = torchvision_model(name)
     image = torch.zeros(batch_size, 3, image_size, image_size)
     seen: Counter[ConvLayer] = Counter()
 
@@ -133,6 +132,7 @@ def time_conv_layers(name: str, batch_size: int, image_size: int, warmup: int = 
 
     torch.set_num_threads(num_threads())
     rng = np.random.default_rng(0)
+    median = lambda fn: statistics.median(time_calls(fn, warmup, iters))
     timings = []
     for layer in conv_layers(name, batch_size, image_size):
         x = rng.standard_normal(layer.input_shape, dtype=np.float32)
@@ -142,7 +142,6 @@ def time_conv_layers(name: str, batch_size: int, image_size: int, warmup: int = 
         # Each call repeated on its own, not in turns with the other library's as the whole-step benchmark
         # does: calls this short are disturbed by the other library's threads (torch's 224x224x64 backward
         # measured 300 ms on its own, 390 ms in turns with XLA's calls).
-        median = lambda fn: statistics.median(time_calls(fn, warmup, iters))
         timings.append(ConvTiming(layer, jax_forward=median(jax_forward), jax_backward=median(jax_backward),
                                   torch_forward=median(torch_forward), torch_backward=median(torch_backward)))
     return timings

@@ -73,10 +73,18 @@ def tcmalloc_library() -> str | None:
     return None
 
 
+def _loaded_tcmalloc() -> str | None:
+    """The file name of the tcmalloc mapped into this process (it was preloaded), or None."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return None
+    return next((Path(line.split()[-1]).name for line in maps.read_text().splitlines()
+                 if "/libtcmalloc" in line), None)
+
+
 def running_allocator() -> str:
     """'tcmalloc' when this process's malloc is tcmalloc's (it was preloaded), else 'glibc'."""
-    maps = Path("/proc/self/maps")
-    return "tcmalloc" if maps.exists() and "/libtcmalloc" in maps.read_text() else "glibc"
+    return "tcmalloc" if _loaded_tcmalloc() else "glibc"
 
 
 def tcmalloc_environment(environ: Mapping[str, str], library: str | None) -> dict[str, str] | None:
@@ -98,11 +106,13 @@ def use_tcmalloc() -> None:
     the same command line with ``LD_PRELOAD``). Call it first thing in a command-line entry point,
     never in a library or a test: it replaces the process. ``JAXNETS_ALLOCATOR=glibc`` opts out.
     """
+    # On tcmalloc already (restarted, or preloaded by the user): no library search, no restart.
+    library = None if running_allocator() == "tcmalloc" else tcmalloc_library()
     try:
-        environment = tcmalloc_environment(os.environ, tcmalloc_library())
+        environment = tcmalloc_environment(os.environ, library)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    if environment is None or running_allocator() == "tcmalloc":
+    if environment is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -111,8 +121,9 @@ def use_tcmalloc() -> None:
 
 def allocator_description(retained: bool) -> str:
     """What serves this process's memory, for reports; ``retained``: what ``retain_freed_memory`` returned."""
-    if running_allocator() == "tcmalloc":
-        return f"tcmalloc ({os.environ.get('LD_PRELOAD', '').split()[0]}, jaxnets.host.use_tcmalloc)"
+    library = _loaded_tcmalloc()
+    if library:
+        return f"tcmalloc ({library}, jaxnets.host.use_tcmalloc)"
     if retained:
         return "glibc, freed memory retained (jaxnets.host.retain_freed_memory)"
     return "glibc defaults"

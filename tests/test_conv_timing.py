@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 
 from jaxnets import benchmark, conv_timing, list_models
 
@@ -13,7 +12,7 @@ from jaxnets import benchmark, conv_timing, list_models
 @pytest.mark.parametrize("name", list_models())
 def test_conv_layers_are_every_convolution_torchvision_runs(name):
     layers = conv_timing.conv_layers(name, batch_size=1, image_size=64)
-    model = torchvision.models.get_model(name, weights=None, **({"init_weights": True} if name == "googlenet" else {}))
+    model = benchmark.torchvision_model(name)
     # GoogLeNet's auxiliary heads run in training mode only; the layers are found in an eval forward.
     convs = [m for path, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and not path.startswith("aux")]
     assert sum(layer.count for layer in layers) == len(convs)
