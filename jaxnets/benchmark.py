@@ -304,9 +304,18 @@ class Result:
         achieved = self.achieved_flops
         return achieved / self.peak_flops if achieved and self.peak_flops else None
 
+    @property
+    def torch_peak_fraction(self) -> float | None:
+        """torchvision's step against the same peak, counting the same FLOPs (the same model and batch):
+        how much room the hardware leaves a faster library. A ratio of r needs r times this fraction."""
+        if not (self.flops and self.torch_step_s and self.peak_flops):
+            return None
+        return self.flops / self.torch_step_s / self.peak_flops
+
     def as_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        for key in ("images_per_s", "torch_images_per_s", "ratio", "achieved_flops", "peak_fraction"):
+        for key in ("images_per_s", "torch_images_per_s", "ratio", "achieved_flops", "peak_fraction",
+                    "torch_peak_fraction"):
             data[key] = getattr(self, key)
         return data
 
@@ -464,14 +473,15 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 def markdown_table(results: Sequence[Result]) -> str:
     """One row per model and mode: jaxnets and torchvision images/s, their ratio, and the roofline."""
     header = ("| model | mode | batch | size | dtype | jaxnets img/s | torchvision img/s | jaxnets/torch "
-              "| step ms | compile s | GFLOP/step | GFLOP/s | % of peak | XLA MiB |")
+              "| step ms | compile s | GFLOP/step | GFLOP/s | % of peak | torch % of peak | XLA MiB |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         lines.append(
             f"| {r.model} | {r.mode} | {r.batch_size} | {r.image_size} | {r.dtype} | {r.images_per_s:.1f} "
             f"| {_fmt(r.torch_images_per_s, '.1f')} | {_fmt(r.ratio, '.2f')} | {r.step_s * 1e3:.0f} "
             f"| {r.compile_s:.1f} | {_fmt(r.flops, '.1f', 1e9)} | {_fmt(r.achieved_flops, '.0f', 1e9)} "
-            f"| {_fmt(r.peak_fraction, '.0%', 1.0)} | {_fmt(r.step_memory_bytes, '.0f', 2**20)} |")
+            f"| {_fmt(r.peak_fraction, '.0%', 1.0)} | {_fmt(r.torch_peak_fraction, '.0%', 1.0)} "
+            f"| {_fmt(r.step_memory_bytes, '.0f', 2**20)} |")
     return "\n".join(lines)
 
 

@@ -35,6 +35,9 @@ def test_train_and_infer_report_sane_numbers():
         assert 0 < r.peak_fraction < 2 and r.step_memory_bytes > 0 and r.compile_s > 0
     assert infer.torch_step_s is None and infer.ratio is None
     assert train.torch_step_s > 0 and train.ratio == pytest.approx(train.images_per_s / train.torch_images_per_s)
+    # Same FLOPs for both libraries: the fractions of peak stand in the ratio of the speeds.
+    assert infer.torch_peak_fraction is None
+    assert train.peak_fraction / train.torch_peak_fraction == pytest.approx(train.ratio)
     # The backward pass costs about twice the forward pass.
     assert 2.5 < train.flops / infer.flops < 3.5
 
