@@ -16,10 +16,13 @@ torchvision's eval transform: resize the shorter side, center crop. TensorFlow o
 from __future__ import annotations
 
 import os
+import re
+import struct
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -349,6 +352,7 @@ def load_dataset(config: DataConfig, process_index: int = 0, process_count: int 
     if config.classes is not None:
         class_names, train, val = _keep_classes(config.classes, class_names, train, val)
         notes.append(f"kept classes {','.join(map(str, config.classes))} as labels 0..{len(class_names) - 1}")
+    notes += _check_classes(config, class_names, train)
     dataset = Dataset(name, class_names, train, val, config, process_index, process_count, notes)
     if dataset.steps_per_epoch < 1:
         raise DataError(f"dataset {name!r}: {len(train)} training examples, fewer than one global batch of "
@@ -371,13 +375,29 @@ def _digits(config: DataConfig):
             IndexedSplit(labels[val_idx], images[val_idx]), notes)
 
 
+def _check_classes(config: DataConfig, class_names: Sequence[str], train: Split) -> list[str]:
+    """Refuse fewer than two classes with training images: a one-class run has loss 0 and top-1 100 % from
+    the first step and looks like a success. Returns a warning naming classes that have no training images."""
+    present = list(class_names)
+    if isinstance(train, IndexedSplit):
+        counts = np.bincount(train.labels, minlength=len(class_names))
+        present = [name for name, count in zip(class_names, counts, strict=True) if count]
+    if len(present) < 2:
+        kept = f" with --classes {','.join(map(str, config.classes))}" if config.classes is not None else ""
+        raise DataError(f"dataset {config.dataset!r}{kept}: {len(present)} class(es) with training images "
+                        f"({', '.join(present) or 'none'}); a classifier needs at least 2")
+    missing = [name for name in class_names if name not in set(present)]
+    return [f"warning: no training images for class(es) {', '.join(missing)}"] if missing else []
+
+
 def _held_out(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """A stratified, seeded split of indices: ``fraction`` of each class held out (at least one)."""
+    """A stratified, seeded split of indices: ``fraction`` of each class held out, at least one, but never
+    a class's last image (a class with one image trains and is not validated)."""
     rng = np.random.default_rng(SPLIT_SEED)
     val = []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
-        val.extend(members[:max(1, round(fraction * len(members)))])
+        val.extend(members[:min(len(members) - 1, max(1, round(fraction * len(members))))])
     val_mask = np.zeros(len(labels), bool)
     val_mask[val] = True
     return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
@@ -385,26 +405,16 @@ def _held_out(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarr
 
 def _folder(config: DataConfig):
     root = Path(config.dataset).expanduser()
-    train_dir = root / "train"
-    val_dir = next((root / d for d in VAL_DIRS if (root / d).is_dir()), None)
-    notes: list[str] = []
-    if train_dir.is_dir() and val_dir is not None:
-        class_names = _class_dirs(train_dir)
-        train, skipped_train = _scan(train_dir, class_names)
-        val_classes = _class_dirs(val_dir)
-        unknown = sorted(set(val_classes) - set(class_names))
-        if unknown:
-            raise DataError(f"{val_dir}: class folder(s) {', '.join(unknown)} are not in {train_dir}")
-        val, skipped_val = _scan(val_dir, class_names)
-        skipped = skipped_train + skipped_val
-        notes.append(f"folder {root}: train/ and {val_dir.name}/ splits")
+    train_dir, val_dir = _split_dirs(root)
+    if train_dir is not None and val_dir is not None:
+        class_names, train, val, skipped = _train_val_folders(train_dir, val_dir)
+        notes = [f"folder {root}: train/ and {val_dir.name}/ splits"]
     else:
-        class_names = _class_dirs(root)
-        examples, skipped = _scan(root, class_names)
-        train_idx, val_idx = _held_out(examples.labels, config.val_fraction)
-        train, val = examples.subset(train_idx), examples.subset(val_idx)
-        notes.append(f"folder {root}: no train/ and val/ subfolders; held out {len(val_idx)} images for validation "
-                     f"({config.val_fraction:.0%} of each class, split seed {SPLIT_SEED})")
+        source = train_dir or root
+        class_names = _class_dirs(source)
+        examples, skipped = _scan(source, class_names)
+        layout = "train/ without val/" if train_dir else "no train/ and val/ subfolders"
+        train, val, notes = _hold_out_folder(root, layout, examples, class_names, config.val_fraction)
     if skipped:
         notes.append(f"skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}")
     for split_name, split in (("training", train), ("validation", val)):
@@ -413,11 +423,55 @@ def _folder(config: DataConfig):
     return root.name, class_names, train, val, notes
 
 
-def _class_dirs(root: Path) -> tuple[str, ...]:
+def _split_dirs(root: Path) -> tuple[Path | None, Path | None]:
+    """``root``'s train/ and val/ (or validation/) split folders, None when absent. Without val/, train/ is a
+    split only when it holds class subfolders: a flat folder may have a class named "train"."""
+    val_dir = next((root / d for d in VAL_DIRS if (root / d).is_dir()), None)
+    train_dir = root / "train"
+    if not train_dir.is_dir() or (val_dir is None and not _has_subfolders(train_dir)):
+        train_dir = None
+    if train_dir is None and val_dir is not None and _has_subfolders(val_dir):
+        raise DataError(f"folder {root}: {val_dir.name}/ holds class folders but there is no train/ split beside it")
+    return train_dir, val_dir
+
+
+def _has_subfolders(directory: Path) -> bool:
+    return bool(_subfolders(directory))
+
+
+def _train_val_folders(train_dir: Path, val_dir: Path):
+    class_names = _class_dirs(train_dir)
+    train, skipped_train = _scan(train_dir, class_names)
+    unknown = sorted(set(_class_dirs(val_dir)) - set(class_names))
+    if unknown:
+        raise DataError(f"{val_dir}: class folder(s) {', '.join(unknown)} are not in {train_dir}")
+    val, skipped_val = _scan(val_dir, class_names)
+    return class_names, train, val, skipped_train + skipped_val
+
+
+def _hold_out_folder(root: Path, layout: str, examples: IndexedSplit, class_names: Sequence[str], fraction: float):
+    """Train and validation splits held out of ``examples``, with notes for the log."""
+    train_idx, val_idx = _held_out(examples.labels, fraction)
+    if len(train_idx) and not len(val_idx):
+        raise DataError(f"folder {root}: no class has two readable images, so none can be held out for validation")
+    notes = [f"folder {root}: {layout}; held out {len(val_idx)} images for validation ({fraction:.0%} of each class, "
+             f"split seed {SPLIT_SEED})"]
+    single = [class_names[label] for label, count in enumerate(np.bincount(examples.labels, minlength=len(class_names)))
+              if count == 1]
+    if single:
+        notes.append(f"warning: class(es) {', '.join(single)} have a single image, used for training and not validated")
+    return examples.subset(train_idx), examples.subset(val_idx), notes
+
+
+def _subfolders(root: Path) -> list[str]:
     try:
-        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as error:
         raise DataError(f"cannot read folder {root}: {error.strerror}") from None
+
+
+def _class_dirs(root: Path) -> tuple[str, ...]:
+    names = _subfolders(root)
     if not names:
         raise DataError(f"folder {root} has no class subfolders (expected {root}/<class>/<image> files)")
     return tuple(names)
@@ -440,15 +494,108 @@ def _scan(root: Path, class_names: Sequence[str]) -> tuple[IndexedSplit, list[st
 
 
 def _check_image(path: str) -> str | None:
-    """Why ``path`` is not a readable image (None when it is): PIL checks the header and structure."""
+    """Why TensorFlow's decoder would fail on ``path`` mid-run (None when it will not): PIL checks the header
+    and structure; a per-format check catches what PIL's ``verify`` lets through (other formats under an image
+    extension, such as a TIFF named .png, and truncated files) without decoding pixels, which costs ~8x more."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
+            kind, mode = image.format, image.mode
             image.verify()
+        check = _FORMAT_CHECKS.get(kind)
+        if check is None:
+            return f"{kind} data, not JPEG, PNG, GIF or BMP"
+        with open(path, "rb") as file:
+            return check(file, mode)
     except Exception as error:  # noqa: BLE001 - any failure means "skip this file"
         return f"{type(error).__name__}: {error}".splitlines()[0][:120]
-    return None
+
+
+def _tail(file: BinaryIO, size: int = 64) -> bytes:
+    file.seek(0, os.SEEK_END)
+    file.seek(max(0, file.tell() - size))
+    return file.read()
+
+
+def _jpeg_problem(file: BinaryIO, mode: str) -> str | None:
+    """TensorFlow fails on a JPEG without its end-of-image marker: a file cut short. The marker ends the file
+    (zero padding aside) but for data appended after the image (motion photos): then walk the markers."""
+    if _tail(file).rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
+    file.seek(0)
+    return None if _jpeg_has_end(file.read()) else "truncated JPEG: no end-of-image marker"
+
+
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # not stuffing (ff 00), restart markers or fill bytes
+
+
+def _jpeg_has_end(data: bytes) -> bool:
+    """Whether the marker segments, skipped by their lengths, and scans reach end-of-image before the data ends."""
+    pos = 2  # after start-of-image
+    while match := _JPEG_MARKER.search(data, pos):
+        marker = data[match.end() - 1]
+        if marker == 0xD9:
+            return True
+        pos = match.end()
+        if marker != 0x01:  # every marker but TEM has a length, which counts its own two bytes
+            pos += int.from_bytes(data[pos:pos + 2], "big")
+            if pos > len(data):
+                return False
+    return False
+
+
+def _png_problem(file: BinaryIO, mode: str) -> str | None:
+    """PIL's ``verify`` checks chunks up to IEND but not IEND's CRC, without which TensorFlow fails."""
+    if _PNG_END in _tail(file):
+        return None
+    file.seek(0)
+    return None if _PNG_END in file.read() else "truncated PNG: no complete IEND chunk"
+
+
+_PNG_END = b"\0\0\0\0IEND\xaeB`\x82"  # length, type and CRC of the (empty) end chunk
+
+
+def _gif_problem(file: BinaryIO, mode: str) -> str | None:
+    """Walk the GIF blocks: TensorFlow (giflib) fails when an image's data is cut short."""
+    data = file.read()
+    pos, images = 13 + _gif_table_size(data[10]), 0
+    while pos < len(data) and data[pos] != 0x3B:  # up to the trailer; giflib tolerates its absence
+        if data[pos] == 0x21:  # extension: label, then data sub-blocks
+            pos += 2
+        elif data[pos] == 0x2C:  # image: descriptor, local color table, LZW code size, then data sub-blocks
+            pos += 11 + _gif_table_size(data[pos + 9] if pos + 9 < len(data) else 0)
+            images += 1
+        else:
+            return f"corrupt GIF: unknown block 0x{data[pos]:02x} at byte {pos}"
+        while pos < len(data) and data[pos]:
+            pos += data[pos] + 1
+        if pos >= len(data):
+            return "truncated GIF: image data cut short"
+        pos += 1  # the zero-length terminator
+    return None if images else "GIF without an image"
+
+
+def _gif_table_size(flags: int) -> int:
+    return 3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0
+
+
+def _bmp_problem(file: BinaryIO, mode: str) -> str | None:
+    """TensorFlow reads uncompressed 24- and 32-bit BMPs and 8-bit ones as gray levels (it ignores the palette,
+    so a color-palette BMP would train on its palette indices), and needs the exact size its header implies."""
+    header = file.read(34)
+    offset, width, height, bits, compression = struct.unpack("<10xI4xii2xHI", header)
+    if bits not in (8, 24, 32) or compression != 0:
+        return f"BMP with {bits} bits per pixel, compression {compression}: TensorFlow reads uncompressed 8/24/32-bit"
+    if bits == 8 and mode != "L":
+        return "8-bit color-palette BMP: TensorFlow would read the palette indices as gray levels"
+    expected = offset + (bits // 8 * width + 3) // 4 * 4 * abs(height)
+    size = file.seek(0, os.SEEK_END)
+    return None if size == expected else f"BMP of {size} bytes, its header implies {expected}: truncated or padded"
+
+
+_FORMAT_CHECKS = {"JPEG": _jpeg_problem, "MPO": _jpeg_problem, "PNG": _png_problem, "GIF": _gif_problem,
+                  "BMP": _bmp_problem}  # PIL's name -> what TensorFlow needs beyond PIL's verify
 
 
 def _tfds(config: DataConfig, process_count: int):

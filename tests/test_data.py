@@ -3,13 +3,25 @@ TFDS (mocked), bad input, and torchvision's eval transform as the oracle."""
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from jaxnets.data import DataConfig, DataError, center_crop, load_dataset, parse_classes, resize_shorter, tf
+from jaxnets.data import (
+    DataConfig,
+    DataError,
+    _check_image,
+    center_crop,
+    load_dataset,
+    parse_classes,
+    resize_shorter,
+    tf,
+)
 
 DIGITS = DataConfig(image_size=16, batch_size=32, min_crop_scale=0.6, hflip=False)
 
@@ -137,6 +149,130 @@ def test_bad_folders_raise_one_line_errors(tmp_path, make, match):
     with pytest.raises(DataError, match=match) as info:
         load_dataset(DataConfig(dataset=str(make(tmp_path)), image_size=16, batch_size=4))
     assert "\n" not in str(info.value)
+
+
+def test_folder_with_only_a_train_subfolder_holds_out_validation_from_it(tmp_path):
+    _write_folder(tmp_path / "data" / "train", classes=("cat", "dog", "fish"), per_class=5)
+    dataset = load_dataset(DataConfig(dataset=str(tmp_path / "data"), image_size=16, batch_size=4))
+    assert dataset.class_names == ("cat", "dog", "fish")  # not one class named "train"
+    assert (len(dataset.train), len(dataset.val)) == (12, 3)
+    assert set(dataset.val.labels) == {0, 1, 2}
+    assert "train/ without val/; held out 3 images" in " ".join(dataset.notes)
+    # A flat folder may have a class named "train": images directly inside it, not class subfolders.
+    flat = _write_folder(tmp_path / "vehicles", classes=("bus", "train"))
+    assert load_dataset(DataConfig(dataset=str(flat), image_size=16, batch_size=4)).class_names == ("bus", "train")
+
+
+def test_folder_with_val_but_no_train_split_is_refused(tmp_path):
+    _write_folder(tmp_path / "data" / "val")
+    with pytest.raises(DataError, match="val/ holds class folders but there is no train/ split"):
+        load_dataset(DataConfig(dataset=str(tmp_path / "data"), image_size=16, batch_size=4))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: DataConfig(**{**DIGITS.__dict__, "classes": (3,)}), r"'digits' with --classes 3: 1 class\(es\) .*\(3\)"),
+    (lambda p: DataConfig(dataset=str(_write_folder(p / "one", classes=("cat",))), image_size=16, batch_size=4),
+     r"one': 1 class\(es\) with training images \(cat\); a classifier needs at least 2"),
+    (lambda p: DataConfig(dataset=str(_write_folder(p / "d" / "train", classes=("cat",)).parent), image_size=16,
+                          batch_size=4), r"1 class\(es\) with training images \(cat\)"),
+])
+def test_fewer_than_two_classes_are_refused(tmp_path, make, match):
+    """One class trains to loss 0 and top-1 100 % at once: a run that looks like a success."""
+    with pytest.raises(DataError, match=match) as info:
+        load_dataset(make(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_a_class_without_training_images_is_named_in_a_warning(tmp_path):
+    root = _write_folder(tmp_path / "pets")
+    (root / "eel").mkdir()
+    (root / "eel" / "broken.png").write_bytes(b"not a png")
+    dataset = load_dataset(DataConfig(dataset=str(root), image_size=16, batch_size=4))
+    assert dataset.class_names == ("cat", "dog", "eel")
+    assert "warning: no training images for class(es) eel" in dataset.notes
+
+
+def test_a_single_image_class_trains_and_the_split_of_the_others_is_unchanged(tmp_path):
+    config = DataConfig(image_size=16, batch_size=4)
+    before = load_dataset(DataConfig(**{**config.__dict__, "dataset": str(_write_folder(tmp_path / "a"))}))
+    root = _write_folder(tmp_path / "b")
+    _write_folder(root, classes=("eel",), per_class=1)
+    dataset = load_dataset(DataConfig(**{**config.__dict__, "dataset": str(root)}))
+    assert list(dataset.train.labels).count(2) == 1 and 2 not in dataset.val.labels  # eel's image trains
+    assert "warning: class(es) eel have a single image, used for training and not validated" in dataset.notes
+    # The split stays a fixed function of the files: cat's and dog's held-out images are those without eel.
+    relative = [str(Path(p).relative_to(tmp_path / "a")) for p in before.val.paths]
+    assert [str(Path(p).relative_to(root)) for p in dataset.val.paths] == relative
+    lonely = _write_folder(tmp_path / "c", per_class=1)
+    with pytest.raises(DataError, match="no class has two readable images"):
+        load_dataset(DataConfig(**{**config.__dict__, "dataset": str(lonely)}))
+
+
+def _encoded(fmt, mode="RGB", **options):
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(np.kron(pixels, np.ones((4, 4, 1), np.uint8)))  # 24x32, blocky: compresses like a photo
+    out = io.BytesIO()
+    image.convert(mode).save(out, fmt, **options)
+    return out.getvalue()
+
+
+def _tf_decodes(data: bytes) -> bool:
+    try:
+        tf.io.decode_image(data, channels=3, expand_animations=False)
+    except tf.errors.OpError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("fmt,options", [
+    ("JPEG", {}), ("JPEG", {"progressive": True}), ("PNG", {}), ("GIF", {}), ("BMP", {}), ("BMP", {"mode": "L"}),
+])
+def test_image_check_rejects_exactly_the_cut_files_tensorflow_fails_on(tmp_path, fmt, options):
+    """Every prefix of a file: PIL's verify passes most of them, TensorFlow's decoder fails on them mid-run."""
+    data = _encoded(fmt, **options)
+    path = tmp_path / "image"
+    for cut in [*range(1, len(data), 7), len(data) - 2, len(data) - 1, len(data)]:
+        path.write_bytes(data[:cut])
+        assert (_check_image(str(path)) is None) == _tf_decodes(data[:cut]), (cut, len(data), _check_image(str(path)))
+
+
+@pytest.mark.parametrize("data,problem", [
+    (_encoded("TIFF"), "TIFF data, not JPEG, PNG, GIF or BMP"),
+    (_encoded("PPM"), "PPM data"),
+    (_encoded("JPEG")[:-2] + bytes(20), "truncated JPEG: no end-of-image marker"),  # zero padding, no marker
+    (_encoded("BMP", mode="1"), "BMP with 1 bits per pixel"),
+    (_encoded("BMP") + bytes(4), "truncated or padded"),
+])
+def test_image_check_rejects_what_tensorflow_cannot_decode(tmp_path, data, problem):
+    (tmp_path / "x.png").write_bytes(data)
+    assert problem in _check_image(str(tmp_path / "x.png"))
+    assert not _tf_decodes(data)
+
+
+@pytest.mark.parametrize("data", [_encoded("JPEG") + bytes(100), _encoded("JPEG") + b"appended video" * 100,
+                                  _encoded("PNG") + b"trailing", _encoded("MPO", save_all=True)])
+def test_image_check_accepts_data_after_the_image(tmp_path, data):
+    (tmp_path / "x.jpg").write_bytes(data)
+    assert _check_image(str(tmp_path / "x.jpg")) is None and _tf_decodes(data)
+
+
+def test_a_palette_bmp_is_rejected_as_tensorflow_reads_its_indices_as_gray_levels(tmp_path):
+    data = _encoded("BMP", mode="P")
+    (tmp_path / "x.bmp").write_bytes(data)
+    assert "color-palette BMP" in _check_image(str(tmp_path / "x.bmp"))
+    pixels = Image.open(io.BytesIO(data)).convert("RGB")
+    assert not np.array_equal(tf.io.decode_image(data, channels=3).numpy(), np.asarray(pixels))  # silent corruption
+
+
+def test_folder_skips_truncated_and_mislabelled_images_that_would_crash_training(tmp_path):
+    root = _write_folder(tmp_path / "pets")
+    (root / "dog" / "cut.jpg").write_bytes(_encoded("JPEG")[:400])
+    (root / "cat" / "tiff.png").write_bytes(_encoded("TIFF"))
+    dataset = load_dataset(DataConfig(dataset=str(root), image_size=16, batch_size=4))
+    assert len(dataset.train) + len(dataset.val) == 12
+    assert "skipped 2 unreadable image file(s)" in " ".join(dataset.notes)
+    for split in ("train", "val"):  # decodes every remaining file: a bad one raises a TensorFlow error here
+        assert sum(len(labels) for _, labels in dataset.iterate(split)) == len(dataset._split(split))
 
 
 def test_tfds_dataset_via_mock_data(tmp_path):
