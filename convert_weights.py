@@ -4,9 +4,11 @@
     python convert_weights.py --all --verify                    # every registered model
     python convert_weights.py resnet50 --from resnet50-0676ba61.pth --verify
     python convert_weights.py resnet18 --from my.safetensors --out my_resnet18.safetensors   # no torch needed
+    python convert_weights.py googlenet --from mine.pth --option transform_input=true   # see --option
     python convert_weights.py --to-torch finetuned.safetensors --out finetuned.pth
 
 The cache is $JAXNETS_HOME/weights (default ~/.cache/jaxnets/weights), where load_pretrained looks.
+The output is written atomically (temp file + rename) and is never the input file.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true",
                         help="compare logits with torchvision on a random batch; fail above tolerance")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
-                        help="model option to record, e.g. transform_input=false (repeatable)")
+                        help="model option to record (repeatable), of the model's type, e.g. dropout=0.3; not one "
+                             "its variant fixes (ResNet's block_cls). A state dict does not say how its model was "
+                             "built: torchvision's own file gets the options torchvision builds it with (GoogLeNet: "
+                             "transform_input=true), any other file torchvision's constructor defaults (GoogLeNet: "
+                             "transform_input=false); pass transform_input=true for a GoogLeNet trained with it, "
+                             "e.g. fine-tuned from torchvision's weights")
     parser.add_argument("--to-torch", metavar="FLAX_FILE",
                         help="export a jaxnets weights file to a torchvision state dict at --out (.pth/.safetensors)")
     return parser

@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import tempfile
+import typing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -60,6 +61,15 @@ DATA_PARALLEL_PREFIX = "module."
 TORCHVISION_BUILD_KWARGS = {"googlenet": {"init_weights": False}}
 TOLERANCE = 1e-4  # max |jax - torch| <= TOLERANCE * (1 + max |torch|), float32 logits
 MAX_LISTED = 8
+# Constructor arguments that are no model option of a file: the classifier decides one, the loader the other.
+RESERVED_OPTIONS = ("num_classes", "dtype")
+# Types a recorded (JSON) model option may have: field annotation -> accepted Python types, and in words.
+OPTION_TYPES: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+}
 
 PathLike = str | os.PathLike
 
@@ -109,7 +119,7 @@ def save_weights(path: PathLike, name: str, variables: Mapping[str, Any], *,
     """
     path = Path(path)
     spec = get_spec(name)
-    model_options = dict(model_options or {})
+    model_options = check_model_options(name, model_options or {}, where=f"{path}: ")
     tensors = {key: np.ascontiguousarray(np.asarray(value)) for key, value in _flat(variables).items()}
     classifier = f"params/{spec.classifier}/kernel"
     if classifier not in tensors:
@@ -327,10 +337,17 @@ def convert(name: str, source: PathLike | None = None, out: PathLike | None = No
 
     ``source=None`` downloads torchvision's ImageNet weights (needs torch). ``out=None`` writes to
     the cache when the source is torchvision's own file (its SHA-256 matches), else next to the
-    source as ``<stem>.jaxnets.safetensors``. With ``verify``, torchvision and jaxnets run on the same
-    random batch first, and nothing is written when their logits differ beyond the tolerance.
+    source as ``<stem>.jaxnets.safetensors``; ``out`` is never the source. With ``verify``, torchvision
+    and jaxnets run on the same random batch first, and nothing is written when their logits differ
+    beyond the tolerance.
+
+    The recorded model options are ``model_options`` over those the state dict decides (GoogLeNet's
+    ``aux_logits``) over, for torchvision's own file only, the options torchvision builds it with
+    (GoogLeNet's ``transform_input=True``): a state dict does not say how its model was built, so any
+    other file gets torchvision's constructor defaults unless ``model_options`` says otherwise.
     """
     spec = get_spec(name)
+    model_options = check_model_options(name, model_options or {})
     if source is None:
         state, label, sha256 = fetch_torchvision_state_dict(name)
     else:
@@ -339,14 +356,17 @@ def convert(name: str, source: PathLike | None = None, out: PathLike | None = No
         variables = from_torch_state_dict(name, state)
     except WeightMappingError as exc:
         raise WeightMappingError(f"{label}: {exc}") from None
-    options = {**spec.weights.model_kwargs, **_inferred_options(name, variables), **(model_options or {})}
     is_torchvision = source is None or sha256.startswith(spec.weights.sha256_prefix)
+    published = spec.weights.model_kwargs if is_torchvision else {}
+    options = {**published, **_inferred_options(name, variables), **model_options}
     metadata = {"source": label, "source_sha256": sha256}
     if is_torchvision:
         metadata["torchvision_weights"] = spec.weights.torchvision_name
     if out is None:
         out = cached_weights_path(name) if is_torchvision else Path(source).with_name(
             Path(source).stem + ".jaxnets" + SUFFIX)
+    if source is not None:
+        _refuse_overwriting(source, out)
     diff = tolerance = None
     if verify:
         diff, tolerance = compare_with_torchvision(name, state, variables, options,
@@ -388,6 +408,7 @@ def _eval_logits(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -
 def export_torch(weights: PathLike, out: PathLike) -> Path:
     """Write a jaxnets weights file as a torchvision state dict: ``.safetensors`` (no torch needed) or,
     for any other suffix, ``torch.save`` (``.pth``). ``load_state_dict(..., strict=True)`` accepts it."""
+    _refuse_overwriting(weights, out)
     weights_file = load_weights(weights)
     state = to_torch_state_dict(weights_file.name, weights_file.variables)
     out = Path(out)
@@ -461,9 +482,7 @@ def instantiate(weights_file: WeightsFile, num_classes: int | None = None, dtype
 def model_options(name: str, model: nn.Module) -> dict[str, Any]:
     """The ``create_model`` options ``model`` was built with: what ``save_weights(model_options=...)``
     should record so that loading the file rebuilds the same model (GoogLeNet's ``transform_input``!)."""
-    spec = get_spec(name)
-    fixed = set(spec.builder.keywords) if isinstance(spec.builder, partial) else set()
-    fixed |= {"num_classes", "dtype", "parent", "name"}
+    fixed = {*_bound_options(name), *RESERVED_OPTIONS, "parent", "name"}
     return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init and f.name not in fixed}
 
 
@@ -533,6 +552,59 @@ def _check_fits(where: str, shapes: Mapping[str, tuple], expected: Mapping[str, 
         raise WeightsError(f"{where}: variables do not fit the architecture (another model?): " + "; ".join(problems))
 
 
+def check_model_options(name: str, options: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """``options`` as a weights file of ``name`` records them (float options as floats), or a ``WeightsError``
+    naming the bad one: a file rebuilds its model from them, so a wrong one would only fail later, in training.
+
+    Only the constructor fields that the registry leaves free are options: those a variant binds
+    (ResNet's ``block_cls``, VGG's ``depth``) are its architecture, and choosing them means another model.
+    """
+    bound = _bound_options(name)
+    free = _free_options(name)
+    checked = {}
+    for key, value in options.items():
+        if key in bound:
+            raise WeightsError(f"{where}{name}: option {key}={_show(value)} refused: {name} binds "
+                               f"{key}={bound[key]!r}, it is the architecture; choose another model instead")
+        if key in RESERVED_OPTIONS:
+            raise WeightsError(f"{where}{name}: {key!r} is not a model option here; pass it as its own argument")
+        if key not in free:
+            raise WeightsError(f"{where}{name}: unknown option {key!r}; accepted: {', '.join(sorted(free)) or 'none'}")
+        accepted, words = OPTION_TYPES[free[key]]
+        if not isinstance(value, accepted) or (isinstance(value, bool) and free[key] is not bool):
+            raise WeightsError(f"{where}{name}: option {key}={_show(value)} has the wrong type: "
+                               f"expected {free[key].__name__} ({words})")
+        checked[key] = free[key](value)
+    return checked
+
+
+def _free_options(name: str) -> dict[str, type]:
+    """Option name -> type of the constructor fields of ``name`` that a weights file may record."""
+    builder = get_spec(name).builder
+    module_cls = builder.func if isinstance(builder, partial) else builder
+    hints = typing.get_type_hints(module_cls)
+    fixed = {*_bound_options(name), *RESERVED_OPTIONS}
+    return {f.name: hints[f.name] for f in dataclasses.fields(module_cls)
+            if f.init and f.name not in fixed and hints.get(f.name) in OPTION_TYPES}
+
+
+def _bound_options(name: str) -> dict[str, Any]:
+    """The constructor arguments the registry binds for ``name`` (``functools.partial`` keywords)."""
+    builder = get_spec(name).builder
+    return dict(builder.keywords) if isinstance(builder, partial) else {}
+
+
+def _refuse_overwriting(source: PathLike, out: PathLike) -> None:
+    """The atomic rename would replace the source by the output, often its only copy: refuse."""
+    try:
+        same = os.path.samefile(source, out)  # also through links and other spellings of the path
+    except OSError:  # one of them does not exist
+        same = Path(source).resolve() == Path(out).resolve()
+    if same:
+        raise WeightsError(f"{out}: the output is the source file {source}; writing it would replace the source: "
+                           f"choose another output path")
+
+
 # --- small helpers ------------------------------------------------------------------------
 
 
@@ -561,6 +633,14 @@ def _to_json(value: Mapping[str, Any], path: Path, what: str) -> str:
         return json.dumps(value, sort_keys=True)
     except TypeError as exc:
         raise WeightsError(f"{path}: {what} must be JSON-serializable ({exc})") from None
+
+
+def _show(value: Any) -> str:
+    """``value`` as it was typed on the command line (JSON), else its repr."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -119,3 +119,55 @@ def test_script_exits_nonzero_with_one_line_naming_the_file(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr == f"convert_weights.py: error: {missing}: no such file\n"
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, resnet18_pth):
+    """Valid torchvision state dicts, so that a refusal is the option's doing, not the file's."""
+    directory = tmp_path_factory.mktemp("sources")
+    files = {"resnet18": resnet18_pth}
+    for name in ("googlenet", "alexnet"):
+        files[name] = directory / f"{name}.pth"
+        torch.save(oracle_model(name).state_dict(), files[name])
+    return files
+
+
+def test_output_that_is_the_source_is_refused(resnet18_pth, tmp_path, capsys):
+    source = tmp_path / "src.safetensors"
+    safetensors.torch.save_file(torch.load(resnet18_pth, weights_only=True), source)
+    flax_file = tmp_path / "z.safetensors"
+    assert convert_weights.main(["resnet18", "--from", str(source), "--out", str(flax_file)]) == 0
+    capsys.readouterr()
+    for argv, file in ((["resnet18", "--from", str(source)], source), (["--to-torch", str(flax_file)], flax_file)):
+        before = file.read_bytes()
+        assert convert_weights.main([*argv, "--out", str(file)]) == 1
+        assert f"the output is the source file {file}" in one_line_error(capsys)
+        assert file.read_bytes() == before
+
+
+@pytest.mark.parametrize(("name", "option", "message"), [
+    ("resnet18", "stage_sizes=[1,1,1,1]", "option stage_sizes=[1, 1, 1, 1] refused: resnet18 binds "
+                                          "stage_sizes=(2, 2, 2, 2), it is the architecture"),
+    ("resnet18", "block_cls=1", "option block_cls=1 refused: resnet18 binds block_cls=<class"),
+    ("resnet18", "zero_init_residual=1", "option zero_init_residual=1 has the wrong type: expected bool"),
+    ("resnet18", "num_classes=10", "'num_classes' is not a model option"),
+    ("alexnet", 'dropout="high"', 'option dropout="high" has the wrong type: expected float (a number)'),
+    ("alexnet", "dropout=true", "option dropout=true has the wrong type: expected float"),
+    ("googlenet", 'transform_input="yes"', 'option transform_input="yes" has the wrong type: expected bool'),
+    ("googlenet", "zero_init_residual=true", "unknown option 'zero_init_residual'; accepted: aux_logits, "
+                                             "dropout, dropout_aux, transform_input"),
+])
+def test_bad_option_is_refused_and_nothing_written(sources, tmp_path, capsys, name, option, message):
+    out = tmp_path / "out.safetensors"
+    assert convert_weights.main([name, "--from", str(sources[name]), "--out", str(out), "--option", option]) == 1
+    assert f"convert_weights.py: error: {name}: {message}" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_integer_for_a_float_option_is_recorded_as_a_float(sources, tmp_path, capsys):
+    out = tmp_path / "g.safetensors"
+    assert convert_weights.main(["googlenet", "--from", str(sources["googlenet"]), "--out", str(out),
+                                 "--option", "dropout=0"]) == 0
+    options = load_weights(out).model_options
+    assert options["dropout"] == 0.0 and isinstance(options["dropout"], float)
+

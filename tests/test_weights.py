@@ -48,7 +48,7 @@ FAMILIES = ["resnet18", "googlenet", "alexnet", "vgg11_bn"]
 
 
 def torch_model(name: str, seed: int = 0) -> torch.nn.Module:
-    # GoogLeNet as torchvision builds it for its ImageNet weights (what convert records by default).
+    # GoogLeNet as torchvision builds it for its ImageNet weights (converted with these options, given).
     options = get_model_kwargs(name)
     return oracle_model(name, seed, **options)
 
@@ -90,7 +90,8 @@ def googlenet_files(tmp_path_factory):
     directory = tmp_path_factory.mktemp("googlenet")
     model = torch_model("googlenet")
     pth, _ = save_checkpoints(model, directory, "googlenet")
-    return model, pth, convert("googlenet", pth, directory / "googlenet.jaxnets.safetensors").path
+    out = directory / "googlenet.jaxnets.safetensors"
+    return model, pth, convert("googlenet", pth, out, model_options=get_model_kwargs("googlenet")).path
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +113,8 @@ def test_convert_load_predict_export_round_trip(name, tmp_path):
     images = generated_images()
     expected = torchvision_logits(model, images, name)
 
-    from_pth = convert(name, pth, tmp_path / "from_pth.safetensors")
-    from_st = convert(name, st, tmp_path / "from_st.safetensors")
+    from_pth = convert(name, pth, tmp_path / "from_pth.safetensors", model_options=get_model_kwargs(name))
+    from_st = convert(name, st, tmp_path / "from_st.safetensors", model_options=get_model_kwargs(name))
 
     jax_model, variables = load_pretrained(name, weights=from_pth.path)
     x = np.stack([predict.preprocess(image, jaxnets.get_spec(name).weights.transforms) for image in images])
@@ -290,13 +291,39 @@ def test_weights_file_records_its_provenance(resnet18_files):
     assert header["format"] == "jaxnets.weights" and json.loads(header["model_options"]) == {}
 
 
-def test_googlenet_records_the_options_of_its_weights(googlenet_files, tmp_path):
+def test_googlenet_records_the_given_options_and_those_of_its_state_dict(googlenet_files, tmp_path):
     model, _, converted = googlenet_files
     assert load_weights(converted).model_options == {"transform_input": True, "aux_logits": True}
     without_aux = tmp_path / "no_aux.pth"
     torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("aux")}, without_aux)
-    options = load_weights(convert("googlenet", without_aux, tmp_path / "g.safetensors").path).model_options
-    assert options == {"transform_input": True, "aux_logits": False}
+    result = convert("googlenet", without_aux, tmp_path / "g.safetensors", model_options={"transform_input": True})
+    assert load_weights(result.path).model_options == {"transform_input": True, "aux_logits": False}
+
+
+@pytest.mark.parametrize("transform_input", [False, True])
+def test_googlenet_of_ones_own_gets_torchvision_defaults_unless_told(transform_input, tmp_path):
+    """torchvision's transform_input=True belongs to its published weights, not to every GoogLeNet state dict:
+    googlenet(weights=None) has False, and only the user knows how their model was built."""
+    model = oracle_model("googlenet", transform_input=transform_input)
+    pth, _ = save_checkpoints(model, tmp_path, "mine")
+    told = {"transform_input": True} if transform_input else {}
+    result = convert("googlenet", pth, tmp_path / "mine.jaxnets.safetensors", model_options=told, verify=True)
+    assert load_weights(result.path).model_options == {**told, "aux_logits": True}
+    jax_model, variables = load_pretrained("googlenet", weights=result.path)
+    assert jax_model.transform_input is transform_input
+    x = np.random.default_rng(2).standard_normal((2, 96, 96, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(nchw(x)).numpy()
+    assert max_rel_error(jax_model.apply(variables, x, train=False), expected) <= TOL
+
+
+def test_torchvision_googlenet_file_gets_the_options_torchvision_builds_it_with(googlenet_files, tmp_path,
+                                                                                 monkeypatch):
+    """torchvision's own file (recognized by its SHA-256, as downloaded) keeps transform_input=True."""
+    monkeypatch.setattr("jaxnets.weights.file_sha256", lambda path: "1378be20" + "0" * 56)
+    result = convert("googlenet", googlenet_files[1], tmp_path / "g.safetensors")
+    assert result.metadata["torchvision_weights"] == "IMAGENET1K_V1"
+    assert load_weights(result.path).model_options == {"transform_input": True, "aux_logits": True}
 
 
 def test_wrapped_and_data_parallel_state_dicts_are_unwrapped(resnet18_files, tmp_path):
@@ -326,11 +353,67 @@ def test_writes_are_atomic(resnet18_files, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temp file left behind
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_torch_export_is_atomic(resnet18_files, tmp_path, monkeypatch, suffix):
+    target = tmp_path / f"back{suffix}"
+    target.write_bytes(b"previous content")
+
+    def crash(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr("jaxnets.weights.save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export_torch(resnet18_files[3], target)
+    assert target.read_bytes() == b"previous content"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temp file left behind
+
+
+def same_file_as(source: Path, spelling: str, directory: Path) -> Path:
+    """Another path to ``source``: the same string, a detour through ``..``, a symlink, a hard link."""
+    if spelling == "dotdot":
+        return source.parent / ".." / source.parent.name / source.name
+    link = directory / f"{spelling}-{source.name}"
+    if spelling == "symlink":
+        link.symlink_to(source)
+    elif spelling == "hardlink":
+        link.hardlink_to(source)
+    return link if spelling in ("symlink", "hardlink") else source
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink", "hardlink"])
+def test_output_that_is_the_source_is_refused(resnet18_files, tmp_path, spelling):
+    """The rename would put the output in place of the input, often the only copy of a user's weights."""
+    _, pth, st, converted = resnet18_files
+    writes = {pth: lambda out: convert("resnet18", pth, out), st: lambda out: convert("resnet18", st, out),
+              converted: lambda out: export_torch(converted, out)}
+    for source, write in writes.items():
+        before = source.read_bytes()
+        with pytest.raises(WeightsError, match="the output is the source file") as info:
+            write(same_file_as(source, spelling, tmp_path))
+        assert "\n" not in str(info.value)
+        assert source.read_bytes() == before
+
+
 def test_save_weights_refuses_variables_that_do_not_fit(resnet18_files, tmp_path):
     variables = load_weights(resnet18_files[3]).variables
     del variables["params"]["layer4"]["1"]["conv2"]
     with pytest.raises(WeightsError, match=r"missing 1: params/layer4/1/conv2/kernel"):
         save_weights(tmp_path / "w.safetensors", "resnet18", variables)
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"zero_init_residual": 1}, "option zero_init_residual=1 has the wrong type: expected bool"),
+    ({"groups": 2}, "option groups=2 refused: resnet18 binds groups=1"),
+    ({"num_classes": 10}, "'num_classes' is not a model option"),
+    ({"dropout": 0.5}, "unknown option 'dropout'; accepted: zero_init_residual"),
+])
+def test_save_weights_refuses_options_the_model_cannot_be_built_with(resnet18_files, tmp_path, options, message):
+    variables = load_weights(resnet18_files[3]).variables
+    with pytest.raises(WeightsError, match=message):
+        save_weights(tmp_path / "w.safetensors", "resnet18", variables, model_options=options)
     assert not (tmp_path / "w.safetensors").exists()
 
 
