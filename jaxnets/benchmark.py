@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from jaxnets import host, parallel, training, transfer
+from jaxnets.config import TrainConfig, resolve
 from jaxnets.registry import create_model, get_spec, list_models
 
 MODES = ("train", "infer", "probe")
@@ -564,7 +565,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--data-dir: {args.data_dir} is not a directory")
     if args.all and args.output is None:
         args.output = Path("benchmark.md")
+    for name in list_models() if args.all else [args.model]:
+        _check_image_size(parser, name, args.image_size)
+    for flag, path in (("--output", args.output), ("--json", args.json)):
+        if path is not None and (problem := _unwritable(path)):
+            parser.error(f"{flag}: {path} {problem}")
     return args
+
+
+def _check_image_size(parser: argparse.ArgumentParser, name: str, image_size: int) -> None:
+    """The model's minimum input size, checked as train.py checks it (``jaxnets.config.resolve``): torchvision's
+    layers fail below it too, so this holds for ``--conv-layers`` as well."""
+    try:
+        resolve(TrainConfig(model=name, image_size=image_size))
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why the report cannot be written to ``path`` (None when it can): checked before the timing, which
+    it would otherwise throw away. The folder must exist; the benchmark creates none."""
+    if path.is_dir():
+        return "is a directory; give a file name"
+    parent = path.parent
+    if not parent.is_dir():
+        return f"cannot be written: folder {parent} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "cannot be written: permission denied"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -619,11 +647,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         context["input_pipeline"] = pipeline
     text = report(results, context)
     print("\n" + text)
-    if args.output:
-        args.output.write_text(text + "\n", encoding="utf-8")
-    if args.json:
-        args.json.write_text(json.dumps({"context": context, "results": [r.as_dict() for r in results]}, indent=2))
-    return 0
+    data = json.dumps({"context": context, "results": [r.as_dict() for r in results]}, indent=2)
+    written = [_write("--output", args.output, text + "\n"), _write("--json", args.json, data)]
+    return 0 if all(written) else 1
+
+
+def _write(flag: str, path: Path | None, text: str) -> bool:
+    """Write ``text`` to ``path`` (if given); a failure (checked up front, so rare: a full disk) is one
+    line on stderr, not a traceback, and the report already printed stays the run's result."""
+    if path is None:
+        return True
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        print(f"python -m jaxnets.benchmark: error: {flag}: cannot write {path}: {error.strerror or error}",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def _conv_layers(models: Sequence[str], args: argparse.Namespace) -> int:
@@ -634,9 +674,7 @@ def _conv_layers(models: Sequence[str], args: argparse.Namespace) -> int:
         timings = conv_timing.time_conv_layers(name, args.batch_size, args.image_size, args.warmup, args.iters)
         tables.append(conv_timing.conv_table(name, timings))
         print(tables[-1] + "\n", flush=True)
-    if args.output:
-        args.output.write_text("\n\n".join(tables) + "\n", encoding="utf-8")
-    return 0
+    return 0 if _write("--output", args.output, "\n\n".join(tables) + "\n") else 1
 
 
 if __name__ == "__main__":

@@ -42,6 +42,16 @@ def cluster_detected() -> bool:
     return False
 
 
+def parse_coordinator(address: str) -> tuple[str, int]:
+    """``host:port`` -> ``(host, port)`` (IPv6 hosts in brackets: ``[::1]:1234``); a ValueError naming
+    ``--coordinator`` for anything else, before JAX fails on it obscurely or waits for it."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"--coordinator {address!r}: expected host:port with a port from 1 to 65535 "
+                         "(e.g. 10.0.0.1:1234)")
+    return host, int(port)
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     """Start ``jax.distributed`` when the run is one of several processes: explicit arguments, or an
@@ -51,6 +61,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
         raise ValueError("--coordinator, --num-processes and --process-id go together (give all three, or none "
                          "and let a cluster environment be auto-detected)")
+    if coordinator is not None:
+        parse_coordinator(coordinator)
     if jax.distributed.is_initialized():
         return
     if coordinator is None and not cluster_detected():

@@ -4,6 +4,10 @@ benchmark's own job, in one run against torchvision, never a timed unit test."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -116,6 +120,14 @@ def test_cli_writes_report_and_json(tmp_path, monkeypatch):
     (["--model", "resnet9"], "--model: unknown model 'resnet9'"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--data-dir", "/nonexistent/jpegs"], "--data-dir: /nonexistent/jpegs is not a directory"),
+    (["--model", "alexnet", "--image-size", "32"], "--image-size 32: alexnet needs at least 63 px"),
+    (["--model", "vgg11", "--image-size", "8"], "--image-size 8: vgg11 needs at least 32 px"),
+    # torchvision's layers fail below the minimum too: --conv-layers is no exception.
+    (["--model", "vgg11", "--image-size", "8", "--conv-layers"], "vgg11 needs at least 32 px"),
+    (["--all", "--image-size", "32"], "alexnet needs at least 63 px"),
+    (["--output", "/nonexistent/x.md"], "--output: /nonexistent/x.md cannot be written: folder /nonexistent does "
+                                        "not exist"),
+    (["--json", "/"], "--json: / is a directory"),
 ])
 def test_cli_rejects_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -130,3 +142,45 @@ def test_data_dir_without_images_is_a_one_line_error(tmp_path, capsys, monkeypat
     assert benchmark.main(["--data-dir", str(tmp_path), "--skip-cache-check", "--system-malloc"]) == 1
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors[-1].startswith("python -m jaxnets.benchmark: error: ") and "no readable" in errors[-1], errors
+
+
+def test_too_small_image_is_one_line_and_exit_status_2_before_any_timing(tmp_path):
+    """As a user runs it: argparse's one line, no traceback, and no minutes of timing first."""
+    done = subprocess.run([sys.executable, "-m", "jaxnets.benchmark", "--model", "alexnet", "--image-size", "32",
+                           "--system-malloc", "--json", str(tmp_path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120, check=False)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert lines[-1] == "python -m jaxnets.benchmark: error: --image-size 32: alexnet needs at least 63 px"
+
+
+def test_output_paths_are_checked_before_the_timing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, "benchmark_model", lambda *args: pytest.fail("the paths are checked first"))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--model", "resnet18", "--json", str(tmp_path), "--skip-cache-check",
+                        "--skip-input-pipeline", "--system-malloc"])
+    assert exit_info.value.code == 2
+    assert f"--json: {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_a_late_write_error_keeps_the_printed_report_and_the_other_file(tmp_path, capsys, monkeypatch):
+    """A folder that vanishes during the run: one line, exit 1, the report on stdout and the JSON written."""
+    monkeypatch.setattr(benchmark.training, "setup_compilation_cache", lambda directory: None)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    timed = benchmark.benchmark_model
+
+    def benchmark_model(*args):
+        os.rmdir(gone)
+        return timed(*args, peak_size=256)
+    monkeypatch.setattr(benchmark, "benchmark_model", benchmark_model)
+    js = tmp_path / "bench.json"
+    code = benchmark.main(["--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--mode", "infer",
+                           "--iters", "1", "--warmup", "0", "--skip-cache-check", "--skip-input-pipeline",
+                           "--system-malloc", "--output", str(gone / "bench.md"), "--json", str(js)])
+    captured = capsys.readouterr()
+    assert code == 1 and "| resnet18 | infer | 2 | 32 | float32 |" in captured.out
+    assert captured.err.strip().splitlines() == [
+        f"python -m jaxnets.benchmark: error: --output: cannot write {gone / 'bench.md'}: No such file or directory"]
+    assert json.loads(js.read_text())["results"][0]["model"] == "resnet18"
