@@ -10,6 +10,7 @@ Every flag is a field of ``jaxnets.config.TrainConfig``; the work is ``jaxnets.t
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from jaxnets.config import DTYPES, OPTIMIZERS, SCHEDULES, TrainConfig
@@ -120,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             training.run_linear_probe(config)
             return 0
         result = training.train_and_evaluate(config)
-    except (ValueError, OSError) as error:  # DataError is a ValueError
+    except (ValueError, OSError) as error:  # DataError and CheckpointError are ValueErrors
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"train.py: error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside the training loop (inside it, Ctrl-C saves a checkpoint and returns)
+        print("train.py: interrupted outside the training loop; checkpoints already saved are kept", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 128 + result.interrupted if result.interrupted else 0
 
 

@@ -3,19 +3,41 @@
 A checkpoint holds the train state's arrays (step, params, BatchNorm statistics, optimizer state, RNG key)
 and a JSON ``meta`` item with the resolved config. The data position is a function of the step, so
 restoring the state restores the data order too. Saves are atomic (orbax writes to a temporary
-directory and renames), so an interrupted save never replaces a good checkpoint.
+directory and renames), so an interrupted save never replaces a good checkpoint. Orbax keeps no
+checksum of the arrays, so ``meta`` records a CRC-32 of the state and a restore checks it: a
+checkpoint whose bytes changed on disk is refused, never resumed from.
 """
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 BEST_METRIC = "top1"
+DIGEST_KEY = "state_crc32"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read back as it was written."""
+
+
+def state_digest(state: Any) -> int | None:
+    """CRC-32 over every array of ``state`` (tree order, raw bytes), or None when an array is not whole
+    in this process (sharded across processes: no process could check it alone)."""
+    crc = 0
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.Array):
+            if not leaf.is_fully_replicated:
+                return None
+            leaf = leaf.addressable_data(0)
+        crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).view(np.uint8), crc)
+    return crc
 
 
 class Checkpointer:
@@ -33,22 +55,49 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def has_metrics(self, step: int) -> bool:
+        """Whether ``step`` was saved with validation metrics (an end-of-epoch save, not a stop)."""
+        return bool(self.manager.metrics(step))
+
     def read_meta(self, step: int) -> dict[str, Any]:
-        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return dict(restored["meta"])
+        except Exception as error:  # orbax raises KeyError, JSONDecodeError, bare Exception...
+            raise self._unreadable(step, error) from error
 
     def restore(self, step: int, target: Any) -> Any:
-        """The ``state`` item of ``step``, with ``target``'s structure, shapes, dtypes and shardings."""
+        """The ``state`` item of ``step``, with ``target``'s structure, shapes, dtypes and shardings,
+        checked against the digest saved with it."""
+        expected = self.read_meta(step).get(DIGEST_KEY)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        return restored["state"]
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        except Exception as error:
+            raise self._unreadable(step, error) from error
+        state = restored["state"]
+        if expected is not None and (actual := state_digest(state)) not in (None, expected):
+            raise self._unreadable(step, f"its arrays changed on disk (CRC-32 {actual:08x}, saved {expected:08x})")
+        return state
 
     def save(self, step: int, state: Any, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> bool:
         """Save unless ``step`` is already saved (a resumed run that has nothing left to do)."""
         if step in self.manager.all_steps():
             return False
+        digest = state_digest(state)
+        meta = meta if digest is None else {**meta, DIGEST_KEY: digest}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         return self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def _unreadable(self, step: int, reason: Any) -> CheckpointError:
+        """A one-line error naming the checkpoint, why, and what to do (resume from an older one)."""
+        if isinstance(reason, BaseException):
+            text = str(reason).strip()
+            reason = text.splitlines()[0] if text else type(reason).__name__
+        older = [s for s in self.manager.all_steps() if s < step]
+        remedy = (f"delete {self.directory / str(step)} to resume from step {max(older)}" if older
+                  else "use another --workdir")
+        return CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable ({reason}); {remedy}")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

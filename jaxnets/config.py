@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ DTYPES = ("float32", "bfloat16")
 # batch size (Goyal et al. 2017, "Accurate, Large Minibatch SGD"; as flax's imagenet example).
 LR_REFERENCE_BATCH = 256
 # Settings a resumed run must share with the checkpoint it resumes: anything else changes what a
-# step means (the model, the data, how it is batched) and would make the resumed run a different run.
-RESUME_KEYS = ("model", "dataset", "classes", "image_size", "batch_size", "seed", "no_aux", "num_classes")
+# step means (the model, the data, how it is batched) or the optimizer state's structure (which
+# parameters train, how their updates are transformed) and would make the resumed run a different run.
+RESUME_KEYS = ("model", "dataset", "classes", "image_size", "batch_size", "seed", "no_aux", "num_classes",
+               "optimizer", "grad_clip", "freeze", "backbone_lr_mult", "layer_decay")
 
 
 @dataclass(frozen=True)
@@ -99,15 +102,18 @@ def resolve(config: TrainConfig) -> TrainConfig:
         image_size = spec.weights.transforms.crop_size
     if image_size < max(spec.weights.min_size):
         raise ValueError(f"--image-size {image_size}: {config.model} needs at least {max(spec.weights.min_size)} px")
+    for flag, value in (("--dataset", config.dataset), ("--workdir", config.workdir)):
+        if value is not None and not value.strip():
+            raise ValueError(f"{flag} is empty")
     adamw = config.optimizer == "adamw"
-    batch_size = config.batch_size or (32 if digits else 128)
+    batch_size = _default(config.batch_size, 32 if digits else 128)
     resolved = dataclasses.replace(
         config,
-        workdir=config.workdir or str(Path("runs") / f"{config.model}-{Path(config.dataset).name or 'data'}"),
+        workdir=_default(config.workdir, str(Path("runs") / f"{config.model}-{Path(config.dataset).name or 'data'}")),
         image_size=image_size,
         batch_size=batch_size,
-        eval_batch_size=config.eval_batch_size or batch_size,
-        epochs=config.epochs or (12 if digits else 90),
+        eval_batch_size=_default(config.eval_batch_size, batch_size),
+        epochs=_default(config.epochs, 12 if digits else 90),
         lr=config.lr if config.lr is not None else (1e-3 if adamw else 0.1),
         weight_decay=config.weight_decay if config.weight_decay is not None else (
             0.05 if adamw else (5e-4 if digits else 1e-4)),
@@ -115,14 +121,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         min_crop_scale=config.min_crop_scale if config.min_crop_scale is not None else (0.9 if digits else 0.08),
         hflip=config.hflip if config.hflip is not None else not digits,
     )
-    for flag, value in (("--batch-size", resolved.batch_size), ("--epochs", resolved.epochs),
-                        ("--log-every", resolved.log_every), ("--keep-checkpoints", resolved.keep_checkpoints)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    if resolved.steps is not None and resolved.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {resolved.steps}")
-    if not 0 < resolved.layer_decay <= 1:
-        raise ValueError(f"--layer-decay must be in (0, 1], got {resolved.layer_decay}")
+    _check_ranges(resolved)
     if spec.family != "googlenet" and resolved.no_aux:
         raise ValueError(f"--no-aux: {config.model} has no auxiliary heads (GoogLeNet only)")
     return resolved
@@ -140,6 +139,43 @@ def resume_mismatch(saved: dict[str, Any], config: TrainConfig) -> str | None:
         if key in saved and saved[key] != current[key]:
             return f"{key}={saved[key]!r} (this run: {current[key]!r})"
     return None
+
+
+def _default(value: Any, default: Any) -> Any:
+    """``value`` unless it was not given (None): a given 0 is checked, never silently replaced."""
+    return default if value is None else value
+
+
+# (flag, TrainConfig field, the range its values must lie in, as text and as a test). Numbers outside
+# them train without an error but not as asked: a negative --grad-clip flips the gradients.
+_RANGES: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
+    ("--batch-size", "batch_size", ">= 1", lambda v: v >= 1),
+    ("--eval-batch-size", "eval_batch_size", ">= 1", lambda v: v >= 1),
+    ("--epochs", "epochs", ">= 1", lambda v: v >= 1),
+    ("--steps", "steps", ">= 1", lambda v: v >= 1),
+    ("--log-every", "log_every", ">= 1", lambda v: v >= 1),
+    ("--keep-checkpoints", "keep_checkpoints", ">= 1", lambda v: v >= 1),
+    ("--checkpoint-every", "checkpoint_every", ">= 0", lambda v: v >= 0),
+    ("--lr", "lr", "> 0", lambda v: v > 0),
+    ("--momentum", "momentum", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("--weight-decay", "weight_decay", ">= 0", lambda v: v >= 0),
+    ("--warmup-epochs", "warmup_epochs", ">= 0", lambda v: v >= 0),
+    ("--step-gamma", "step_gamma", "in (0, 1]", lambda v: 0 < v <= 1),
+    ("--label-smoothing", "label_smoothing", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("--grad-clip", "grad_clip", "> 0", lambda v: v > 0),
+    ("--aux-weight", "aux_weight", ">= 0", lambda v: v >= 0),
+    ("--val-fraction", "val_fraction", "in (0, 1)", lambda v: 0 < v < 1),
+    ("--min-crop-scale", "min_crop_scale", "in (0, 1]", lambda v: 0 < v <= 1),
+    ("--backbone-lr-mult", "backbone_lr_mult", "> 0", lambda v: v > 0),
+    ("--layer-decay", "layer_decay", "in (0, 1]", lambda v: 0 < v <= 1),
+)
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    for flag, field, expected, ok in _RANGES:
+        value = getattr(config, field)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"{flag} must be {expected}, got {value}")
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

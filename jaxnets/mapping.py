@@ -65,8 +65,9 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], **options: A
 
 
 def to_torch_state_dict(name: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Map jaxnets variables back to a torchvision state dict that ``load_state_dict(strict=True)``
-    accepts (``num_batches_tracked`` is written as 0: nothing in jaxnets counts batches)."""
+    """Map jaxnets variables back to torchvision's state dict keys and layouts, as numpy arrays (no torch
+    import): ``load_state_dict({k: torch.tensor(v) ...}, strict=True)`` accepts it. ``num_batches_tracked``
+    is written as 0: nothing in jaxnets counts batches."""
     spec = get_spec(name)
     flat = traverse_util.flatten_dict({c: variables[c] for c in ("params", "batch_stats") if c in variables})
     state: dict[str, np.ndarray] = {}

@@ -12,6 +12,7 @@ is compiled once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -104,6 +105,15 @@ def top_k(logits: np.ndarray, k: int, categories: Sequence[str]) -> list[list[tu
     return [[(categories[i], float(row[i])) for i in indices] for row, indices in zip(probs, order, strict=True)]
 
 
+def eval_transform(model: str, weights_file: WeightsFile) -> EvalTransform:
+    """The model's eval transform at the sizes its weights were validated with: ``train.py`` records them
+    (a model fine-tuned at 64 px is shown 64-px crops, not ImageNet's 224), torchvision's weights use theirs."""
+    transform = get_spec(model).weights.transforms
+    recorded = weights_file.metadata.get("eval_transform") or {}
+    sizes = {key: recorded[key] for key in ("resize_size", "crop_size") if isinstance(recorded.get(key), int)}
+    return dataclasses.replace(transform, **sizes)
+
+
 def category_names(weights_file: WeightsFile) -> tuple[str, ...]:
     """Class names recorded in the file (``metadata['categories']``), ImageNet's for 1000 classes,
     else ``class 0``, ``class 1``, ..."""
@@ -143,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    transform = get_spec(args.model).weights.transforms
+    transform = eval_transform(args.model, weights_file)
     categories = category_names(weights_file)
     forward = make_forward(model)
     variables = jax.device_put(variables)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import time
@@ -33,7 +34,7 @@ from jaxnets.config import TrainConfig, peak_learning_rate, resolve, resume_mism
 from jaxnets.data import Dataset, load_dataset
 from jaxnets.models import GoogLeNetOutputs
 from jaxnets.registry import create_model
-from jaxnets.run_io import Progress, RunLog, epoch_summary
+from jaxnets.run_io import METRICS_FILE, Progress, RunLog, epoch_summary
 
 PyTree = Any
 FINAL_WEIGHTS = "final_weights.safetensors"
@@ -250,7 +251,6 @@ def train_and_evaluate(config: TrainConfig) -> TrainResult:
     run.print(f"run directory: {workdir}")
     for note in dataset.notes:
         run.print(note)
-    run.write_config(config.to_json())
 
     model, variables, note = build_model(config, dataset.num_classes, mesh)
     if note:
@@ -262,7 +262,11 @@ def train_and_evaluate(config: TrainConfig) -> TrainResult:
     if resume_step is not None:
         state = state.with_arrays(checkpointer.restore(resume_step, state.arrays()))
         run.print(f"resumed from step {resume_step} ({checkpointer.directory})")
+    run.write_config(config.to_json())  # only now: a run that could not resume leaves the workdir's config as it was
     run.print(describe_run(config, dataset, mesh, state))
+    if config.freeze != "none":
+        run.print(f"--freeze {config.freeze}: {transfer.describe(variables['params'], trainable_mask)}"
+                  + (f"; BatchNorm on running statistics in {', '.join(frozen_norm)}" if frozen_norm else ""))
     try:
         return _train_loop(config, dataset, mesh, state, schedule, checkpointer, run)
     finally:
@@ -292,6 +296,9 @@ def run_linear_probe(config: TrainConfig) -> dict[str, float]:
     except ImportError:
         raise ValueError("--linear-probe needs jaxnets.probe.linear_probe, which this install lacks") from None
     workdir = Path(config.workdir).absolute()
+    if Checkpointer(workdir / "checkpoints").latest_step() is not None or (workdir / METRICS_FILE).exists():
+        raise ValueError(f"--workdir {config.workdir} holds a training run; a linear probe would overwrite its logs, "
+                         f"use another --workdir")
     run = RunLog(workdir)
     run.print(f"run directory: {workdir}")
     run.write_config(config.to_json())
@@ -405,6 +412,12 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
     def save(metrics: dict | None = None) -> None:
         checkpointer.save(step, state.arrays(), meta, None if metrics is None else {"top1": metrics["top1"]})
 
+    if step and step % steps_per_epoch == 0 and step < stop_step and not checkpointer.has_metrics(step):
+        # Resumed from a stop at an epoch's end, before its evaluation: evaluate it now, as the
+        # uninterrupted run did, so the log has every epoch's validation record.
+        val_metrics, _ = evaluate(eval_step, state, dataset.eval_batches("val"), mesh)
+        run.log(step, step / steps_per_epoch, "val", val_metrics)
+
     with stop.installed():
         while step < stop_step and stop.signum is None:
             epoch, start = divmod(step, steps_per_epoch)
@@ -421,6 +434,7 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
                 end_of_epoch = step % steps_per_epoch == 0
                 if step % config.log_every == 0 or end_of_epoch or step == stop_step:
                     logged = _mean(parallel.to_host(pending))
+                    _check_finite(logged, step, checkpointer)  # before a diverged state is logged or saved
                     progress.update(len(pending), logged["loss"])
                     run.log(step, step / steps_per_epoch, "train",
                             {**logged, "lr": float(schedule(step - 1)), "images_per_sec": progress.images_per_second})
@@ -430,6 +444,7 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
                         stop.signum = stop.signum or signal.SIGTERM
                         break
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and not end_of_epoch:
+                    _check_finite(_mean(parallel.to_host(pending)), step, checkpointer)
                     save()
                 if step >= stop_step:
                     break
@@ -472,8 +487,21 @@ def _save_final_weights(config: TrainConfig, state: TrainState, class_names: tup
     options = model_options(config.model, state.apply_fn.__self__)
     path = save_weights(Path(config.workdir) / FINAL_WEIGHTS, config.model, variables, model_options=options,
                         metadata={"source": "train.py", "dataset": config.dataset, "categories": list(class_names),
-                                  "step": metrics["step"], "val_top1": metrics["top1"]})
+                                  "step": metrics["step"], "val_top1": metrics["top1"],
+                                  # the eval transform the model was validated with, for jaxnets.predict
+                                  "eval_transform": {"resize_size": config.data_config().eval_resize,
+                                                     "crop_size": config.image_size}})
     run.print(f"final weights: {path}")
+
+
+def _check_finite(metrics: dict[str, float], step: int, checkpointer: Checkpointer) -> None:
+    """Stop a diverged run (a non-finite mean loss since the last check) with the reason, keeping its
+    checkpoints as they are: none of them holds the diverged state."""
+    loss = metrics.get("loss", 0.0)
+    if not math.isfinite(loss):
+        saved = checkpointer.latest_step()
+        kept = f"the last checkpoint (step {saved}) is kept" if saved is not None else "no checkpoint was saved"
+        raise ValueError(f"training diverged: loss {loss} by step {step} (try a lower --lr); {kept}")
 
 
 def _mean(records: list[dict[str, Any]]) -> dict[str, float]:

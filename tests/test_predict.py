@@ -146,6 +146,24 @@ def test_cli_uses_class_names_recorded_with_fine_tuned_weights(resnet18, tmp_pat
     assert out[0] == str(image) and len(out) == 4 and out[1].endswith("  bee")
 
 
+def test_cli_uses_the_eval_sizes_recorded_with_fine_tuned_weights(resnet18, tmp_path, capsys):
+    """train.py records the sizes it validated at; predict shows the model those, not ImageNet's 256/224."""
+    torch_model, variables, _ = resnet18
+    weights = save_weights(tmp_path / "small.safetensors", "resnet18", variables,
+                           metadata={"eval_transform": {"resize_size": 73, "crop_size": 64}})
+    image = write_image(tmp_path / "y.jpg", 150, 110, "RGB")
+    assert predict.main(["--model", "resnet18", "--weights", str(weights), "--top", "2", str(image)]) == 0
+    out = capsys.readouterr().out.splitlines()
+
+    ref = EvalTransform()
+    preset = transforms.Compose([transforms.Resize(73, antialias=True), transforms.CenterCrop(64),
+                                 transforms.ToTensor(), transforms.Normalize(ref.mean, ref.std)])
+    with Image.open(image) as pil, torch.no_grad():
+        probs = torch.softmax(torch_model(preset(pil.convert("RGB"))[None]), -1).numpy()[0]
+    categories = jaxnets.imagenet_categories()
+    assert out[1:] == [f"  {probs[j]:7.4f}  {categories[j]}" for j in np.argsort(-probs)[:2]]
+
+
 def test_cli_rejects_weights_of_another_model(resnet18, capsys):
     assert predict.main(["--model", "resnet34", "--weights", str(resnet18[2]), "x.jpg"]) == 1
     err = capsys.readouterr().err

@@ -4,7 +4,9 @@ whole-set evaluation, and exact resume after a stop or a signal."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ from flax import linen as nn
 from jaxnets import GoogLeNetOutputs, parallel, training
 from jaxnets.config import TrainConfig, resolve
 from jaxnets.data import load_dataset
-from jaxnets.run_io import METRICS_FILE, read_metrics
+from jaxnets.run_io import CONFIG_FILE, METRICS_FILE, read_metrics
 
 # Three digit classes at 16 px, batch 16: 26 steps per epoch, seconds per step on a CPU.
 TINY = TrainConfig(model="resnet18", classes=(0, 1, 2), batch_size=16, epochs=2, log_every=1, progress=False)
@@ -85,6 +87,31 @@ def test_layer_decay_flag_scales_each_block_by_its_depth():
         resolve(TrainConfig(model="resnet18", layer_decay=1.5))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 0, "--epochs must be >= 1, got 0"),  # a given 0 is an error, never the default
+    ("batch_size", 0, "--batch-size must be >= 1, got 0"),
+    ("eval_batch_size", 0, "--eval-batch-size must be >= 1, got 0"),
+    ("lr", float("nan"), "--lr must be > 0, got nan"),
+    ("lr", -1.0, "--lr must be > 0, got -1.0"),
+    ("momentum", -5.0, "--momentum must be in [0, 1), got -5.0"),
+    ("label_smoothing", 2.0, "--label-smoothing must be in [0, 1), got 2.0"),
+    ("warmup_epochs", -3.0, "--warmup-epochs must be >= 0, got -3.0"),
+    ("grad_clip", -1.0, "--grad-clip must be > 0, got -1.0"),
+    ("aux_weight", -1.0, "--aux-weight must be >= 0, got -1.0"),
+    ("step_gamma", -3.0, "--step-gamma must be in (0, 1], got -3.0"),
+    ("checkpoint_every", -1, "--checkpoint-every must be >= 0, got -1"),
+    ("min_crop_scale", 0.0, "--min-crop-scale must be in (0, 1], got 0.0"),
+    ("min_crop_scale", 3.0, "--min-crop-scale must be in (0, 1], got 3.0"),
+    ("val_fraction", 1.5, "--val-fraction must be in (0, 1), got 1.5"),
+    ("weight_decay", float("inf"), "--weight-decay must be >= 0, got inf"),
+    ("workdir", "", "--workdir is empty"),
+    ("dataset", " ", "--dataset is empty"),
+])
+def test_settings_out_of_range_are_refused_by_flag(field, value, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        resolve(TrainConfig(model="resnet18", **{field: value}))
+
+
 class AuxNet(nn.Module):
     """GoogLeNet's output contract at toy size: ``GoogLeNetOutputs`` in training, logits in evaluation."""
 
@@ -129,20 +156,8 @@ def test_resume_after_stop_and_after_signal_equals_uninterrupted_run(tiny, monke
         np.testing.assert_array_equal(a, b)
 
     # SIGINT during step 4: the step finishes, a checkpoint is saved, the run returns cleanly.
-    make_train_step = training.make_train_step
-
-    def signalling(*args, **kwargs):
-        step = make_train_step(*args, **kwargs)
-
-        def wrapped(state, batch):
-            new_state, metrics = step(state, batch)
-            if int(parallel.to_host(new_state.step)) == 4:
-                signal.raise_signal(signal.SIGINT)
-            return new_state, metrics
-        return wrapped
-
     signalled = tiny("signalled", steps=6)
-    monkeypatch.setattr(training, "make_train_step", signalling)
+    monkeypatch.setattr(training, "make_train_step", _signalling_at(4))
     result = training.train_and_evaluate(signalled)
     assert (result.step, result.interrupted) == (4, signal.SIGINT)
     monkeypatch.undo()
@@ -154,12 +169,63 @@ def test_resume_after_stop_and_after_signal_equals_uninterrupted_run(tiny, monke
     assert steps == [1, 2, 3, 4, 5, 6]  # the log reads like one run
 
 
-def test_workdir_of_another_model_is_refused(tiny):
+def _signalling_at(signal_step: int):
+    """A ``make_train_step`` whose step raises SIGINT once the state reaches ``signal_step``."""
+    make_train_step = training.make_train_step
+
+    def signalling(*args, **kwargs):
+        step = make_train_step(*args, **kwargs)
+
+        def wrapped(state, batch):
+            new_state, metrics = step(state, batch)
+            if int(parallel.to_host(new_state.step)) == signal_step:
+                signal.raise_signal(signal.SIGINT)
+            return new_state, metrics
+        return wrapped
+    return signalling
+
+
+def test_stop_at_an_epoch_end_is_evaluated_on_resume(tiny, monkeypatch):
+    """A stop in an epoch's last log window comes before that epoch's evaluation: the resumed run does it."""
+    config = tiny("epoch_end", steps=27, log_every=100)
+    steps_per_epoch = load_dataset(resolve(config).data_config()).steps_per_epoch
+    assert steps_per_epoch == 26
+    monkeypatch.setattr(training, "make_train_step", _signalling_at(steps_per_epoch))
+    assert training.train_and_evaluate(config).interrupted == signal.SIGINT
+    monkeypatch.undo()
+    val_steps = lambda: [r["step"] for r in read_metrics(f"{config.workdir}/{METRICS_FILE}") if r["split"] == "val"]
+    assert val_steps() == []
+    assert training.train_and_evaluate(config).step == 27
+    assert val_steps() == [26, 27]
+
+
+def test_workdir_of_another_run_is_refused_and_left_as_it_was(tiny):
     config = tiny("other", steps=1)
     training.train_and_evaluate(config)
+    saved_config = (Path(config.workdir) / CONFIG_FILE).read_text()
     with pytest.raises(ValueError, match=r"holds a checkpoint \(step 1\) of a different run: model='resnet18'"):
         training.train_and_evaluate(dataclasses.replace(config, model="resnet34"))
+    # Settings that change the optimizer state's structure are part of what a run is, too.
+    with pytest.raises(ValueError, match=r"of a different run: optimizer='sgd' \(this run: 'adamw'\)"):
+        training.train_and_evaluate(dataclasses.replace(config, optimizer="adamw"))
+    with pytest.raises(ValueError, match=r"of a different run: freeze='none'"):
+        training.train_and_evaluate(dataclasses.replace(config, freeze="backbone"))
     assert training.Checkpointer(f"{config.workdir}/checkpoints").latest_step() == 1  # untouched
+    assert (Path(config.workdir) / CONFIG_FILE).read_text() == saved_config
+    # A linear probe would overwrite the run's logs.
+    with pytest.raises(ValueError, match=r"holds a training run; a linear probe would overwrite its logs"):
+        training.run_linear_probe(dataclasses.replace(config, linear_probe="logreg"))
+    assert [r["step"] for r in read_metrics(f"{config.workdir}/{METRICS_FILE}")] == [1, 1]
+
+
+def test_diverged_training_stops_with_the_reason_and_saves_nothing(tiny):
+    config = tiny("diverged", steps=4, lr=1e30)
+    with pytest.raises(ValueError, match=r"training diverged: loss (nan|inf) by step \d \(try a lower --lr\); "
+                                         r"no checkpoint was saved"):
+        training.train_and_evaluate(config)
+    assert training.Checkpointer(f"{config.workdir}/checkpoints").latest_step() is None
+    assert not (Path(config.workdir) / "final_weights.safetensors").exists()
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(f"{config.workdir}/{METRICS_FILE}"))
 
 
 def test_bfloat16_trains_with_float32_parameters(tiny):
