@@ -8,7 +8,8 @@ raises ``WeightMappingError`` naming the keys and shapes at fault.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -36,46 +37,73 @@ class WeightMappingError(ValueError):
 def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], **options: Any) -> dict[str, Any]:
     """Map a torchvision state dict to ``{'params': ..., 'batch_stats': ...}`` of numpy float32 arrays.
 
+    Values may be numpy arrays or torch tensors (``named_parameters()`` ones too; bfloat16 is upcast).
     ``num_classes`` is read off the classifier; GoogLeNet's ``aux_logits`` off the presence of
     its auxiliary heads. Other ``options`` go to ``create_model`` (they must not change shapes).
     """
     spec = get_spec(name)
-    state = {key: np.asarray(value) for key, value in state_dict.items()}
+    state = {key: as_numpy(value) for key, value in state_dict.items() if not key.endswith(IGNORED_SUFFIX)}
     classifier_key = torch_key(spec.classifier, "kernel")
     if classifier_key not in state:
         raise WeightMappingError(f"{name}: state dict has no classifier {classifier_key!r} "
                                  f"(keys start {_preview(state)}); is it a {name} state dict?")
-    options = {"num_classes": int(state[classifier_key].shape[0]), **options}
-    for option, modules in OPTIONAL_MODULES.items():
-        if any(module in spec.head for module in modules):
-            options.setdefault(option, any(k.startswith(f"{m}.") for k in state for m in modules))
-
-    expected = torch_layout(name, **options)
-    _check_keys(name, expected, {k for k in state if not k.endswith(IGNORED_SUFFIX)})
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    bad_shapes = []
-    for key, (path, shape) in expected.items():
-        if state[key].shape != shape:
-            bad_shapes.append(f"{key}: got {tuple(state[key].shape)}, expected {shape}")
-            continue
-        flat[path] = _to_flax(spec, path, state[key])
-    if bad_shapes:
-        raise WeightMappingError(f"{name}: shape mismatch: " + "; ".join(bad_shapes[:MAX_LISTED]))
+    inferred = _inferred_options(name, state[classifier_key].shape[0],
+                                 lambda module: any(k.startswith(f"{module}.") for k in state))
+    expected = torch_layout(name, **{**inferred, **options})
+    _check_layout(name, "state dict", {k: v.shape for k, v in state.items()},
+                  {k: shape for k, (_, shape) in expected.items()})
+    flat = {path: _to_flax(spec, path, state[key]) for key, (path, _) in expected.items()}
     return traverse_util.unflatten_dict(flat)
 
 
-def to_torch_state_dict(name: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def to_torch_state_dict(name: str, variables: Mapping[str, Any], *, params_only: bool = False) -> dict[str, np.ndarray]:
     """Map jaxnets variables back to torchvision's state dict keys and layouts, as numpy arrays (no torch
     import): ``load_state_dict({k: torch.tensor(v) ...}, strict=True)`` accepts it. ``num_batches_tracked``
-    is written as 0: nothing in jaxnets counts batches."""
+    is written as 0: nothing in jaxnets counts batches.
+
+    The variables must be exactly those of ``name`` (any number of classes; GoogLeNet with or without its
+    aux heads), else ``WeightMappingError``. ``params_only`` maps a ``{'params': ...}`` tree alone
+    (gradients, say): the result then has no BatchNorm buffers."""
     spec = get_spec(name)
-    flat = traverse_util.flatten_dict({c: variables[c] for c in ("params", "batch_stats") if c in variables})
+    flat = traverse_util.flatten_dict(dict(variables))
+    classifier = ("params", *spec.classifier.split("/"), "kernel")
+    if classifier not in flat:
+        raise WeightMappingError(f"{name}: variables have no classifier {'/'.join(classifier)!r} (keys start "
+                                 f"{_preview({'/'.join(k): v for k, v in flat.items()})}); are they {name}'s?")
+    inferred = _inferred_options(name, np.shape(flat[classifier])[-1],
+                                 lambda module: any("/".join(k).startswith(f"params/{module}/") for k in flat))
+    expected = {path: shape for path, shape in variable_shapes(name, **inferred).items()
+                if not params_only or path[0] == "params"}
+    hint = "" if params_only or "batch_stats" in variables else " (params alone, e.g. gradients? pass params_only=True)"
+    _check_layout(name, "variables", {"/".join(k): np.shape(v) for k, v in flat.items()},
+                  {"/".join(k): shape for k, shape in expected.items()}, hint)
     state: dict[str, np.ndarray] = {}
     for path, value in flat.items():
         state[torch_key("/".join(path[1:-1]), path[-1])] = _to_torch(spec, path, np.asarray(value))
         if path[0] == "batch_stats" and path[-1] == "mean":
             state[".".join(path[1:-1]) + IGNORED_SUFFIX] = np.array(0, np.int64)
     return state
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """A state dict value as a numpy array: torch tensors detached (parameters require grad), moved to the CPU
+    and, bfloat16 having no numpy dtype, upcast to float32. torch is never imported for numpy input."""
+    torch = sys.modules.get("torch")  # a tensor means torch is loaded already
+    if torch is not None and isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    return np.asarray(value)
+
+
+def _inferred_options(name: str, num_classes: int, has_module: Callable[[str], bool]) -> dict[str, Any]:
+    """The options weights decide: ``num_classes`` (the classifier's size) and, for GoogLeNet, ``aux_logits``
+    (whether ``has_module`` finds its auxiliary heads)."""
+    head = get_spec(name).head
+    options: dict[str, Any] = {"num_classes": int(num_classes)}
+    for option, modules in OPTIONAL_MODULES.items():
+        if any(module in head for module in modules):
+            options[option] = any(has_module(module) for module in modules)
+    return options
 
 
 def torch_key(module_path: str, flax_leaf: str) -> str:
@@ -140,16 +168,23 @@ def _to_torch(spec: ModelSpec, path: tuple[str, ...], value: np.ndarray) -> np.n
     return value
 
 
-def _check_keys(name: str, expected: Mapping[str, Any], present: set[str]) -> None:
-    missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:MAX_LISTED])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:MAX_LISTED])}")
-        raise WeightMappingError(f"{name}: state dict does not match the architecture: " + "; ".join(parts))
+def layout_problems(actual: Mapping[str, tuple], expected: Mapping[str, tuple]) -> list[str]:
+    """What keeps ``actual`` (key -> shape) from being ``expected``: its missing, unexpected and mis-shaped
+    keys, each kind counted with the first ``MAX_LISTED`` named; empty when they match."""
+    missing = sorted(set(expected) - set(actual))
+    unexpected = sorted(set(actual) - set(expected))
+    misshaped = [f"{k}: got {tuple(actual[k])}, expected {tuple(expected[k])}"
+                 for k in sorted(set(actual) & set(expected)) if tuple(actual[k]) != tuple(expected[k])]
+    return [f"{label} {len(keys)} key(s): {separator.join(keys[:MAX_LISTED])}"
+            for label, keys, separator in (("missing", missing, ", "), ("unexpected", unexpected, ", "),
+                                           ("mis-shaped", misshaped, "; ")) if keys]
+
+
+def _check_layout(name: str, what: str, actual: Mapping[str, tuple], expected: Mapping[str, tuple],
+                  hint: str = "") -> None:
+    problems = layout_problems(actual, expected)
+    if problems:
+        raise WeightMappingError(f"{name}: the {what} and the architecture differ{hint}: " + "; ".join(problems))
 
 
 def _preview(state: Mapping[str, Any]) -> str:

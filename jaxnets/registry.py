@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache, partial
@@ -109,15 +110,41 @@ def get_spec(name: str) -> ModelSpec:
 
 def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32, **options: Any) -> nn.Module:
     """Build the Flax module for ``name``; ``options`` are the torchvision constructor options
-    of its family (``dropout``, ``aux_logits``, ``zero_init_residual``, ...)."""
+    of its family (``dropout``, ``aux_logits``, ``zero_init_residual``, ...) that the variant leaves free."""
     spec = get_spec(name)
-    module_cls = spec.builder.func if isinstance(spec.builder, partial) else spec.builder
-    allowed = {f.name for f in dataclasses.fields(module_cls)} - {"parent", "name"}
+    num_classes = check_num_classes(num_classes)
+    bound = bound_options(name)
+    fixed = sorted(set(options) & set(bound))
+    if fixed:
+        raise ValueError(f"{name} fixes " + ", ".join(f"{key}={bound[key]!r}" for key in fixed)
+                         + "; choose another model")
+    allowed = {f.name for f in dataclasses.fields(model_class(name)) if f.init} - {"parent", "name", *bound}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; "
                          f"accepted: {', '.join(sorted(allowed - {'num_classes', 'dtype'}))}")
     return spec.builder(num_classes=num_classes, dtype=dtype, **options)
+
+
+def check_num_classes(num_classes: Any) -> int:
+    """``num_classes`` as an int, or a ``ValueError`` naming it: 0, a negative count, a bool or a float would
+    otherwise fail deep inside the initializers (or, as ``True``, silently build a 1-class head)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    return int(num_classes)
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The Flax module class that ``name`` builds (its family's, whatever the variant binds)."""
+    builder = get_spec(name).builder
+    return builder.func if isinstance(builder, partial) else builder
+
+
+def bound_options(name: str) -> dict[str, Any]:
+    """The constructor arguments the variant ``name`` binds (``functools.partial`` keywords): its architecture,
+    which no option may change (ResNet's ``stage_sizes``, VGG's ``depth``)."""
+    builder = get_spec(name).builder
+    return dict(builder.keywords) if isinstance(builder, partial) else {}
 
 
 @cache

@@ -41,11 +41,13 @@ from safetensors.numpy import save_file
 from jaxnets.mapping import (
     OPTIONAL_MODULES,
     WeightMappingError,
+    as_numpy,
     from_torch_state_dict,
+    layout_problems,
     to_torch_state_dict,
     variable_shapes,
 )
-from jaxnets.registry import create_model, get_spec
+from jaxnets.registry import bound_options, check_num_classes, create_model, get_spec, model_class
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,6 @@ DATA_PARALLEL_PREFIX = "module."
 # Constructor arguments torchvision needs that change nothing jaxnets compares (skip a slow init).
 TORCHVISION_BUILD_KWARGS = {"googlenet": {"init_weights": False}}
 TOLERANCE = 1e-4  # max |jax - torch| <= TOLERANCE * (1 + max |torch|), float32 logits
-MAX_LISTED = 8
 # Constructor arguments that are no model option of a file: the classifier decides one, the loader the other.
 RESERVED_OPTIONS = ("num_classes", "dtype")
 # Types a recorded (JSON) model option may have: field annotation -> accepted Python types, and in words.
@@ -239,9 +240,16 @@ def read_state_dict(path: PathLike) -> dict[str, np.ndarray]:
     return state
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+def _require_file(path: Path) -> None:
+    """A clear error for a path that is no file, before a reader reports something obscure."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, not a file; give the weights file in it")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    _require_file(path)
     try:
         with safe_open(path, framework="np") as f:
             return dict(f.metadata() or {}), {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
@@ -250,8 +258,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]
 
 
 def _read_torch_file(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    _require_file(path)
     torch = _import_torch(f"reading {path.name}", f"convert it to .safetensors where torch is installed: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -274,8 +281,7 @@ def _read_torch_file(path: Path) -> dict[str, np.ndarray]:
         if not isinstance(value, torch.Tensor):
             raise WeightsError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
                                f"expected a state dict (or {{'state_dict': ...}})")
-        value = value.detach().cpu()
-        state[key] = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+        state[key] = as_numpy(value)
     return state
 
 
@@ -298,7 +304,7 @@ def fetch_torchvision_state_dict(name: str) -> tuple[dict[str, np.ndarray], str,
     if sha256 and not sha256.startswith(spec.weights.sha256_prefix):
         raise WeightsError(f"{file}: SHA-256 {sha256[:12]}... is not torchvision's {spec.weights.sha256_prefix}...: "
                            f"a damaged download; delete it and convert again")
-    return {key: value.detach().cpu().numpy() for key, value in state.items()}, spec.weights.url, sha256
+    return {key: as_numpy(value) for key, value in state.items()}, spec.weights.url, sha256
 
 
 def _as_tensor(torch, array: np.ndarray):
@@ -454,6 +460,8 @@ def load_pretrained(name: str, num_classes: int | None = None, weights: PathLike
     initialized from ``rng`` (and logged); every other variable is the checkpoint's, bit for bit.
     ``options`` go to ``create_model`` on top of the file's recorded model options.
     """
+    if num_classes is not None:
+        check_num_classes(num_classes)  # before a first use converts torchvision's weights for nothing
     return instantiate(open_pretrained(name, weights), num_classes, dtype, rng=rng, **options)
 
 
@@ -462,7 +470,7 @@ def instantiate(weights_file: WeightsFile, num_classes: int | None = None, dtype
     """Build the model a weights file describes and fit its variables to it (see ``load_pretrained``)."""
     name = weights_file.name
     options = {**weights_file.model_options, **options}
-    num_classes = num_classes or weights_file.num_classes
+    num_classes = check_num_classes(weights_file.num_classes if num_classes is None else num_classes)
     model = create_model(name, num_classes, dtype, **options)
     expected = expected_shapes(name, num_classes, options)
     head = get_spec(name).head
@@ -475,26 +483,30 @@ def instantiate(weights_file: WeightsFile, num_classes: int | None = None, dtype
         variables = _reinitialize(name, model, variables, renew, rng)
         logger.warning("%s: freshly initialized %s for %d classes (checkpoint %s has %d); train before use",
                        name, ", ".join(renew), num_classes, weights_file.path, weights_file.num_classes)
-    _check_fits(f"{weights_file.path}: {name}", {k: np.shape(v) for k, v in _flat(variables).items()}, expected)
+    _check_variables(f"{weights_file.path}: {name}", variables, expected)
     return model, variables
 
 
 def model_options(name: str, model: nn.Module) -> dict[str, Any]:
     """The ``create_model`` options ``model`` was built with: what ``save_weights(model_options=...)``
     should record so that loading the file rebuilds the same model (GoogLeNet's ``transform_input``!)."""
-    fixed = {*_bound_options(name), *RESERVED_OPTIONS, "parent", "name"}
+    fixed = {*bound_options(name), *RESERVED_OPTIONS, "parent", "name"}
     return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init and f.name not in fixed}
 
 
 def reinitialize_head(name: str, variables: Mapping[str, Any], num_classes: int, rng: int | jax.Array = 0,
                       **options: Any) -> tuple[dict[str, Any], list[str]]:
     """Replace the head layers of ``variables`` by a fresh initialization for ``num_classes``:
-    ``(new variables, re-initialized module paths)``. Other leaves are kept as they are."""
-    model = create_model(name, num_classes, **options)
+    ``(new variables, re-initialized module paths)``. Other leaves are kept as they are; variables that do not
+    fit the model (another model's, ``params`` alone) are refused rather than mixed with a fresh head."""
+    model = create_model(name, num_classes, **options)  # which checks num_classes
     head = get_spec(name).head
-    renew = _modules_in(expected_shapes(name, num_classes, options), head)
+    expected = expected_shapes(name, num_classes, options)
+    renew = _modules_in(expected, head)
     variables = _without_modules(variables, [m for m in head if m not in renew])
-    return _reinitialize(name, model, variables, renew, rng), renew
+    variables = _reinitialize(name, model, variables, renew, rng)
+    _check_variables(name, variables, expected)
+    return variables, renew
 
 
 def _reinitialize(name: str, model: nn.Module, variables: Mapping[str, Any], modules: Sequence[str],
@@ -521,7 +533,7 @@ def _without_flat(variables: Mapping[str, Any], modules: Sequence[str]) -> dict[
 
 def _in_module(key: str, module: str) -> bool:
     """Whether flat key ``'params/aux1/conv/bn/scale'`` lies under module path ``'aux1'``."""
-    return key.split("/", 1)[1].startswith(module + "/")
+    return key.partition("/")[2].startswith(module + "/")
 
 
 def _modules_in(keys: Iterable[str], modules: Sequence[str]) -> list[str]:
@@ -542,14 +554,14 @@ def expected_shapes(name: str, num_classes: int, options: Mapping[str, Any]) -> 
 
 
 def _check_fits(where: str, shapes: Mapping[str, tuple], expected: Mapping[str, tuple]) -> None:
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{k} {tuple(shapes[k])} != {tuple(expected[k])}" for k in sorted(set(shapes) & set(expected))
-             if tuple(shapes[k]) != tuple(expected[k])]
-    problems = [f"{label} {len(keys)}: {', '.join(keys[:MAX_LISTED])}"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if keys]
+    problems = layout_problems(shapes, expected)
     if problems:
         raise WeightsError(f"{where}: variables do not fit the architecture (another model?): " + "; ".join(problems))
+
+
+def _check_variables(where: str, variables: Mapping[str, Any], expected: Mapping[str, tuple]) -> None:
+    """``_check_fits`` for a variables tree."""
+    _check_fits(where, {k: np.shape(v) for k, v in _flat(variables).items()}, expected)
 
 
 def check_model_options(name: str, options: Mapping[str, Any], where: str = "") -> dict[str, Any]:
@@ -559,7 +571,7 @@ def check_model_options(name: str, options: Mapping[str, Any], where: str = "") 
     Only the constructor fields that the registry leaves free are options: those a variant binds
     (ResNet's ``block_cls``, VGG's ``depth``) are its architecture, and choosing them means another model.
     """
-    bound = _bound_options(name)
+    bound = bound_options(name)
     free = _free_options(name)
     checked = {}
     for key, value in options.items():
@@ -580,18 +592,11 @@ def check_model_options(name: str, options: Mapping[str, Any], where: str = "") 
 
 def _free_options(name: str) -> dict[str, type]:
     """Option name -> type of the constructor fields of ``name`` that a weights file may record."""
-    builder = get_spec(name).builder
-    module_cls = builder.func if isinstance(builder, partial) else builder
+    module_cls = model_class(name)
     hints = typing.get_type_hints(module_cls)
-    fixed = {*_bound_options(name), *RESERVED_OPTIONS}
+    fixed = {*bound_options(name), *RESERVED_OPTIONS}
     return {f.name: hints[f.name] for f in dataclasses.fields(module_cls)
             if f.init and f.name not in fixed and hints.get(f.name) in OPTION_TYPES}
-
-
-def _bound_options(name: str) -> dict[str, Any]:
-    """The constructor arguments the registry binds for ``name`` (``functools.partial`` keywords)."""
-    builder = get_spec(name).builder
-    return dict(builder.keywords) if isinstance(builder, partial) else {}
 
 
 def _refuse_overwriting(source: PathLike, out: PathLike) -> None:

@@ -181,7 +181,7 @@ def test_train_mode_gradients_equal_torchvision_in_float64(name):
             weighted = zip(LOSS_WEIGHTS[:len(outs)], outs, strict=True)
             return sum(w * optax.softmax_cross_entropy_with_integer_labels(o, labels).mean() for w, o in weighted)
 
-        grads = jaxnets.to_torch_state_dict(name, {"params": jax.jit(jax.grad(loss_fn))(params)})
+        grads = jaxnets.to_torch_state_dict(name, {"params": jax.jit(jax.grad(loss_fn))(params)}, params_only=True)
     expected = torch_gradients(torch_model, x, labels)
     assert grads.keys() == expected.keys()
     for key, value in expected.items():

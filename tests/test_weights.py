@@ -399,7 +399,7 @@ def test_output_that_is_the_source_is_refused(resnet18_files, tmp_path, spelling
 def test_save_weights_refuses_variables_that_do_not_fit(resnet18_files, tmp_path):
     variables = load_weights(resnet18_files[3]).variables
     del variables["params"]["layer4"]["1"]["conv2"]
-    with pytest.raises(WeightsError, match=r"missing 1: params/layer4/1/conv2/kernel"):
+    with pytest.raises(WeightsError, match=r"missing 1 key\(s\): params/layer4/1/conv2/kernel"):
         save_weights(tmp_path / "w.safetensors", "resnet18", variables)
     assert not (tmp_path / "w.safetensors").exists()
 
