@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import partial, wraps
 from typing import Any, NamedTuple
 
 import jax
@@ -133,7 +133,7 @@ def batch_norm(train: bool, frozen: Sequence[str] = (), eps: float = 1e-5, torch
     Flax's ``momentum`` is the weight of the old running average; torch's is the weight of
     the new batch statistic, hence ``1 - torch_momentum``.
     """
-    return partial(TorchBatchNorm, train=train, frozen=tuple(frozen), epsilon=eps,
+    return partial(TorchBatchNorm, train=train, frozen=frozen_paths(frozen), epsilon=eps,
                    momentum=1.0 - torch_momentum, dtype=dtype, scale_init=scale_init)
 
 
@@ -167,9 +167,12 @@ class TorchBatchNorm(nn.Module):
 
         if use_running_average:
             return _normalize(x, scale, bias, ra_mean.value, ra_var.value, self.epsilon, self.dtype)
+        n = math.prod(x.shape[:-1])
+        if n == 1:  # torch's check: the batch variance of one value is 0, the output would be just the bias
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape} "
+                             f"at {'/'.join(self.scope.path)}")
         y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, self.dtype)
         if not self.is_initializing():
-            n = math.prod(x.shape[:-1])
             unbiased = var * (n / max(n - 1, 1))
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
@@ -301,8 +304,8 @@ def _pool_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode:
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
     if out < 1:
-        raise ValueError(f"input size {size} is too small for a {kernel}x{kernel} max pool "
-                         f"(stride {stride}, padding {padding})")
+        raise FeatureMapTooSmall(f"an internal {size}-px feature map is too small for a {kernel}x{kernel} "
+                                 f"max pool (stride {stride}, padding {padding})")
     return out
 
 
@@ -339,6 +342,14 @@ def flatten(x: Array) -> Array:
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def frozen_paths(frozen: Sequence[str]) -> tuple[str, ...]:
+    """``frozen_norm`` as '/'-joined module paths; torch's dots (``'layer1.0'``) work too, as in
+    ``transfer.trainable_mask``. A plain string is refused: iterated, it would be single characters."""
+    if isinstance(frozen, str) or not all(isinstance(path, str) for path in frozen):
+        raise ValueError(f"frozen_norm must be a tuple of module paths such as ('bn1', 'layer1'), got {frozen!r}")
+    return tuple(path.strip().replace(".", "/").strip("/") for path in frozen)
 
 
 def is_frozen(path: Sequence[str], frozen: Sequence[str]) -> bool:
@@ -415,3 +426,93 @@ class Classifier(nn.Module):
         if pre_logits:
             return x
         return linear(self.num_classes, name="6")(x)
+
+
+# --- model input checks -------------------------------------------------------------
+# Shared by every family's ``__call__``; all run at trace time on static shapes and Python values.
+
+
+class FeatureMapTooSmall(ValueError):
+    """A max pool got a feature map smaller than its window: the model input is too small."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{detail}: the model input is too small")
+        self.detail = detail
+
+
+def check_probability(module: nn.Module, field: str) -> None:
+    """A dropout rate in [0, 1], as ``torch.nn.Dropout`` requires (NaN refused too)."""
+    p = getattr(module, field)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{_model_name(module)}: {field} must be in [0, 1], got {p}")
+
+
+def image_model_call(call: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps a family's ``__call__(self, x, train, *, pre_logits, frozen_norm)``: the input must be NHWC RGB,
+    ``frozen_norm`` is normalized and must name BatchNorm modules, and a too-small input names the model
+    input's shape and the model's minimum size rather than an internal feature map."""
+    @wraps(call)
+    def wrapper(self: nn.Module, x: Array, *args: Any, frozen_norm: Sequence[str] = (), **kwargs: Any) -> Any:
+        _check_nhwc_rgb(self, x)
+        frozen = frozen_paths(frozen_norm)
+        try:
+            out = call(self, x, *args, frozen_norm=frozen, **kwargs)
+        except FeatureMapTooSmall as error:
+            raise ValueError(f"{_model_name(self)}: input {tuple(x.shape)} is too small{_min_size_hint(self)} "
+                             f"({error.detail})") from None
+        _check_frozen_norm(self, frozen)
+        return out
+    return wrapper
+
+
+def _check_nhwc_rgb(module: nn.Module, x: Array) -> None:
+    shape = tuple(np.shape(x))
+    if len(shape) == 4 and shape[-1] == 3:
+        return
+    hint = " — NCHW? transpose with x.transpose(0, 2, 3, 1)" if len(shape) == 4 and shape[1] == 3 else ""
+    raise ValueError(f"{_model_name(module)} expects NHWC RGB images (N, H, W, 3), got {shape}{hint}")
+
+
+def _check_frozen_norm(module: nn.Module, frozen: Sequence[str]) -> None:
+    """Every ``frozen_norm`` path must lie over a BatchNorm (one that has running statistics): a typo
+    would otherwise freeze nothing, silently."""
+    if not frozen:
+        return
+    stats = module.variables.get("batch_stats", {})
+    norms = {"/".join(path[:-1]) for path in _flat_paths(stats)}
+    for path in frozen:
+        if not any(is_frozen(norm.split("/"), (path,)) for norm in norms):
+            top = sorted({norm.split("/")[0] for norm in norms})
+            raise ValueError(f"{_model_name(module)}: frozen_norm path {path!r} matches no BatchNorm; "
+                             f"BatchNorms are under: {', '.join(top) or 'none (the model has no BatchNorm)'}")
+
+
+def _flat_paths(tree: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if not hasattr(tree, "items"):
+        return [prefix]
+    return [path for key, value in tree.items() for path in _flat_paths(value, (*prefix, key))]
+
+
+def _registered_names(module: nn.Module) -> list[str]:
+    """Registry names whose builder makes this module (only on error paths: the registry imports the models)."""
+    from jaxnets import registry
+
+    def builds(builder: Any) -> bool:
+        keywords = getattr(builder, "keywords", {})
+        return (getattr(builder, "func", builder) is type(module)
+                and all(getattr(module, k, None) == v for k, v in keywords.items()))
+    return [name for name in registry.list_models() if builds(registry.get_spec(name).builder)]
+
+
+def _model_name(module: nn.Module) -> str:
+    names = _registered_names(module)
+    return names[0] if len(names) == 1 else type(module).__name__
+
+
+def _min_size_hint(module: nn.Module) -> str:
+    from jaxnets import registry
+    sizes = {registry.get_spec(name).weights.min_size for name in _registered_names(module)}
+    if len(sizes) != 1:
+        return ""
+    (h, w), = sizes
+    return f": {_model_name(module)} needs at least {h}x{w} px"

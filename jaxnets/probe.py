@@ -124,7 +124,11 @@ def _unpack(batch: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
         images, labels = batch
     except (TypeError, ValueError):
         raise ValueError(f"batch {index}: expected an (images, labels) pair, got {type(batch).__name__}") from None
-    images = np.asarray(images, np.float32)
+    images = np.asarray(images)
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"batch {index}: images are {images.dtype}; the probe needs normalized float images "
+                         "(the weights' transforms mean/std, as jaxnets.data produces)")
+    images = images.astype(np.float32)
     if images.ndim != 4 or len(labels) != images.shape[0]:
         raise ValueError(f"batch {index}: expected NHWC images and one label per image, "
                          f"got images {images.shape} and {len(labels)} labels")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -76,6 +77,7 @@ def frozen_modules(name: str, mask: PyTree) -> tuple[str, ...]:
     functions and for error messages.
     """
     flat = _flat(mask, name)
+    _check_bools(flat, "mask")
     # A BatchNorm is the module that owns a 'scale' (convs and linears own a 'kernel').
     norms = {path[:-1] for path in flat if path[-1] == "scale"}
     norm_frozen = {norm: not any(v for p, v in flat.items() if p[:-1] == norm) for norm in norms}
@@ -102,10 +104,15 @@ def build_optimizer(base_tx: optax.GradientTransformation, mask: PyTree, *, head
     groups with ``lr * mult`` (weight decay included, since optax folds it into the update).
     ``lr_mults`` (a float per leaf, e.g. ``layerwise_lr_mults``) multiplies on top of that.
     """
-    if backbone_lr_mult <= 0:
-        raise ValueError(f"backbone_lr_mult must be > 0, got {backbone_lr_mult} (freeze the backbone instead)")
+    _check_mult(backbone_lr_mult, "backbone_lr_mult")
     if backbone_lr_mult != 1.0 and head_mask is None:
         raise ValueError("backbone_lr_mult needs head_mask to tell the head from the backbone")
+    _check_bools(_flat_like(mask, mask, "mask"), "mask")
+    if head_mask is not None:
+        _check_bools(_flat_like(head_mask, mask, "head_mask"), "head_mask")
+    if lr_mults is not None:
+        for path, mult in _flat_like(lr_mults, mask, "lr_mults").items():
+            _check_mult(mult, f"lr_mults at {'/'.join(path)}")
     head_mask = jax.tree.map(lambda _: True, mask) if head_mask is None else head_mask
     lr_mults = jax.tree.map(lambda _: 1.0, mask) if lr_mults is None else lr_mults
 
@@ -118,10 +125,21 @@ def build_optimizer(base_tx: optax.GradientTransformation, mask: PyTree, *, head
     for label, mult in zip(jax.tree.leaves(labels), jax.tree.leaves(mults), strict=True):
         if label == FROZEN or label in transforms:
             continue
-        if mult <= 0:
-            raise ValueError(f"learning-rate multipliers must be > 0, got {mult} (freeze those parameters instead)")
         transforms[label] = base_tx if mult == 1.0 else optax.chain(base_tx, optax.scale(mult))
-    return optax.partition(transforms, labels)
+    return _checked_against(mask, optax.partition(transforms, labels))
+
+
+def _checked_against(mask: PyTree, tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
+    """``tx`` refusing params / updates that are not shaped like ``mask`` (a mask of another model) with a
+    one-line error instead of jax's pytree structure error. Trace-time only: tree structures are static."""
+    def init(params: PyTree) -> optax.OptState:
+        _flat_like(params, mask, "params")
+        return tx.init(params)
+
+    def update(updates: PyTree, state: optax.OptState, params: PyTree | None = None, **extra: Any) -> Any:
+        _flat_like(updates, mask, "updates")
+        return tx.update(updates, state, params, **extra)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def layerwise_lr_mults(name: str, params: PyTree, decay: float) -> PyTree:
@@ -136,6 +154,10 @@ def layerwise_lr_mults(name: str, params: PyTree, decay: float) -> PyTree:
     flat = _flat(params, name)
     head = _flat_head(name, flat)
     backbone_blocks = {_block(path[:-1]) for path in flat if not head[path]}
+    unknown = sorted(backbone_blocks - set(_forward_order(name)))
+    if unknown:
+        raise ValueError(f"{name}: params have block(s) {', '.join(unknown)} that {name} does not have "
+                         "(parameters of another model?)")
     blocks = [block for block in _forward_order(name) if block in backbone_blocks]
     depth = {block: len(blocks) - i for i, block in enumerate(blocks)}
     return traverse_util.unflatten_dict({p: 1.0 if head[p] else decay ** depth[_block(p[:-1])] for p in flat})
@@ -144,12 +166,14 @@ def layerwise_lr_mults(name: str, params: PyTree, decay: float) -> PyTree:
 def stop_frozen_gradients(params: PyTree, mask: PyTree) -> PyTree:
     """``params`` with ``jax.lax.stop_gradient`` on frozen leaves: call inside the loss so that no backward
     pass is computed through a frozen prefix of the network."""
+    _check_bools(_flat_like(mask, params, "mask", "params"), "mask")
     return jax.tree.map(lambda p, trainable: p if trainable else jax.lax.stop_gradient(p), params, mask)
 
 
 def describe(params: PyTree, mask: PyTree) -> str:
     """``'frozen 11.2M / trainable 5.1k params'``: for the training log."""
-    flat_mask = traverse_util.flatten_dict(mask)
+    flat_mask = _flat_like(mask, params, "mask", "params")
+    _check_bools(flat_mask, "mask")
     sizes = {path: int(np.size(p)) for path, p in traverse_util.flatten_dict(params).items()}
     trainable = sum(size for path, size in sizes.items() if flat_mask[path])
     frozen = sum(sizes.values()) - trainable
@@ -165,6 +189,41 @@ def _flat(tree: PyTree, name: str) -> dict[Path, Any]:
     if "params" in tree and set(tree) <= {"params", "batch_stats"}:
         raise ValueError(f"{name}: pass variables['params'], not the whole variables dict")
     return traverse_util.flatten_dict(tree)
+
+
+def _flat_like(tree: PyTree, reference: PyTree, what: str, reference_what: str = "mask") -> dict[Path, Any]:
+    """``tree`` flattened, if it has exactly the leaf paths of ``reference`` (a mask from another model,
+    or params instead of a mask, would otherwise fail deep inside jax or with a bare KeyError)."""
+    if not isinstance(tree, Mapping) or not isinstance(reference, Mapping):
+        raise ValueError(f"{what} and {reference_what} must be dicts shaped like params, "
+                         f"got {type(tree).__name__} and {type(reference).__name__}")
+    flat, expected = traverse_util.flatten_dict(tree), traverse_util.flatten_dict(reference)
+    if flat.keys() != expected.keys():
+        missing, extra = sorted(expected.keys() - flat.keys()), sorted(flat.keys() - expected.keys())
+        where = (f"{'/'.join(missing[0])} is in {reference_what} but not in {what}" if missing
+                 else f"{'/'.join(extra[0])} is in {what} but not in {reference_what}")
+        raise ValueError(f"{what} does not match {reference_what} ({len(missing)} leaves missing, {len(extra)} extra): "
+                         f"{where}; built for another model?")
+    return flat
+
+
+def _check_bools(flat: dict[Path, Any], what: str) -> None:
+    """Mask leaves are Python/NumPy bools: an array there means params were passed instead of a mask."""
+    for path, leaf in flat.items():
+        if not isinstance(leaf, bool | np.bool_):
+            raise ValueError(f"{what} leaves must be bools (True = trainable), got {type(leaf).__name__} at "
+                             f"{'/'.join(path)}; pass a mask from trainable_mask or head_mask, not params")
+
+
+def _check_mult(mult: Any, where: str) -> None:
+    """A learning-rate multiplier: finite and > 0 (NaN fails ``<= 0`` too, so test what is allowed)."""
+    try:
+        value = float(mult)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"learning-rate multipliers must be > 0 and finite, got {mult!r} for {where} "
+                         "(freeze those parameters instead)")
 
 
 def _flat_head(name: str, flat: dict[Path, Any]) -> dict[Path, bool]:

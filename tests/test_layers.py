@@ -37,7 +37,7 @@ def test_max_pool_matches_torch_at_every_size(kernel, stride, padding, ceil_mode
         try:
             expected = F.max_pool2d(nchw(x), kernel, stride, padding, ceil_mode=ceil_mode)
         except RuntimeError:  # torch refuses: so must we, with a clear message
-            with pytest.raises(ValueError, match=f"input size {h} is too small"):
+            with pytest.raises(ValueError, match=f"an internal {h}-px feature map is too small"):
                 layers.max_pool(x, kernel, stride, padding, ceil_mode)
             continue
         np.testing.assert_array_equal(pool(x, kernel, stride, padding, ceil_mode), nhwc(expected), err_msg=f"{h}x{w}")
@@ -162,3 +162,32 @@ def test_is_frozen_matches_whole_path_components():
     assert layers.is_frozen(("layer1", "0", "bn1"), ("layer1/0/bn1",))
     assert not layers.is_frozen(("layer10", "bn1"), ("layer1",))
     assert not layers.is_frozen(("bn1",), ())
+
+
+def test_training_batch_norm_needs_more_than_one_value_per_channel():
+    """torch raises here; the batch variance of one value is 0, so the output would be just the bias and the
+    running variance would decay towards 0."""
+    class Net(nn.Module):
+        train: bool
+        frozen: tuple[str, ...] = ()
+
+        @nn.compact
+        def __call__(self, x):
+            return layers.batch_norm(train=self.train, frozen=self.frozen)(name="bn")(x)
+
+    one = rand(1, 1, 1, 4)
+    variables = Net(False).init(jax.random.key(0), one)
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, "
+                                         r"got input size \(1, 1, 1, 4\) at bn"):
+        Net(True).apply(variables, one, mutable=["batch_stats"])
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        torch.nn.BatchNorm2d(4).train()(nchw(one))  # the same error as torch
+    Net(False).apply(variables, one)  # eval mode and frozen BatchNorms use the running statistics: fine
+    Net(True, ("bn",)).apply(variables, one, mutable=["batch_stats"])
+    Net(True).apply(variables, rand(2, 1, 1, 4), mutable=["batch_stats"])
+
+
+def test_too_small_pool_input_is_named_an_internal_feature_map():
+    with pytest.raises(layers.FeatureMapTooSmall, match=r"an internal 2-px feature map is too small for a 3x3 max "
+                                                        r"pool \(stride 2, padding 0\): the model input is too small"):
+        layers.max_pool(rand(1, 2, 2, 1), 3, 2)

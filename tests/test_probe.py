@@ -123,3 +123,13 @@ def test_probe_bad_input_raises_clear_errors(resnet18):
         extract_features(model, variables, [np.zeros((3, 32, 32, 3))])
     with pytest.raises(ValueError, match="no batches"):
         extract_features(model, variables, [])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, bool])
+def test_probe_refuses_unnormalized_integer_images(resnet18, dtype):
+    """uint8 pixels were taken as floats 0..255: features of the wrong input distribution, silently."""
+    model, variables = resnet18
+    images = np.full((4, 32, 32, 3), 200, np.uint8).astype(dtype)
+    message = rf"batch 0: images are {np.dtype(dtype)}; the probe needs normalized float images"
+    with pytest.raises(ValueError, match=message):
+        linear_probe(model, variables, [(images, np.arange(4))], [(images, np.arange(4))])

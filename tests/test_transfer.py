@@ -265,6 +265,52 @@ def test_bad_learning_rate_multipliers_raise():
         transfer.layerwise_lr_mults("resnet18", param_shapes("resnet18", 32), 1.5)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_non_finite_learning_rate_multipliers_raise(bad):
+    """NaN passes a bare ``<= 0`` test; one update would then make the backbone NaN."""
+    params = param_shapes("resnet18", 32)
+    mask, head = transfer.trainable_mask("resnet18", params, "none"), transfer.head_mask("resnet18", params)
+    with pytest.raises(ValueError, match=r"must be > 0 and finite, got .* for backbone_lr_mult"):
+        transfer.build_optimizer(optax.sgd(0.1), mask, head_mask=head, backbone_lr_mult=bad)
+    mults = {**transfer.layerwise_lr_mults("resnet18", params, 0.5), "conv1": {"kernel": bad}}
+    with pytest.raises(ValueError, match=r"must be > 0 and finite, got .* for lr_mults at conv1/kernel"):
+        transfer.build_optimizer(optax.sgd(0.1), mask, lr_mults=mults)
+
+
+def test_trees_of_another_model_raise_one_line_errors():
+    """A resnet18 mask with resnet34 params failed deep in jax (pytree structure) or with a bare KeyError."""
+    p18, p34 = param_shapes("resnet18", 32), param_shapes("resnet34", 32)
+    mask = transfer.trainable_mask("resnet18", p18, "conv1")
+    mismatch = r"does not match .*layer1/2/.* is in params but not in mask; built for another model\?"
+    with pytest.raises(ValueError, match=mismatch):
+        transfer.build_optimizer(optax.sgd(0.1), mask).init(p34)
+    with pytest.raises(ValueError, match=mismatch):
+        transfer.stop_frozen_gradients(p34, mask)
+    with pytest.raises(ValueError, match=mismatch):
+        transfer.describe(p34, mask)
+    with pytest.raises(ValueError, match=r"resnet18: params have block\(s\) layer1/2, .* that resnet18 does not have"):
+        transfer.layerwise_lr_mults("resnet18", p34, 0.5)
+    with pytest.raises(ValueError, match=r"head_mask does not match mask"):
+        transfer.build_optimizer(optax.sgd(0.1), mask, head_mask=transfer.head_mask("resnet34", p34),
+                                 backbone_lr_mult=0.1)
+    tx = transfer.build_optimizer(optax.sgd(0.1), mask)
+    state = tx.init(p18)
+    grads34 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), p34)
+    with pytest.raises(ValueError, match=r"updates does not match mask"):
+        tx.update(grads34, state)
+
+
+def test_params_given_as_a_mask_raise():
+    params = param_shapes("resnet18", 32)
+    not_bools = r"mask leaves must be bools \(True = trainable\), got .* at bn1/bias; .*not params"
+    with pytest.raises(ValueError, match=not_bools):
+        transfer.frozen_modules("resnet18", params)
+    with pytest.raises(ValueError, match=not_bools):
+        transfer.build_optimizer(optax.sgd(0.1), params)
+    with pytest.raises(ValueError, match=not_bools):
+        transfer.stop_frozen_gradients(params, params)
+
+
 # --- training steps -----------------------------------------------------------------------
 
 

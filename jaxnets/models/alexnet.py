@@ -8,7 +8,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxnets.layers import Classifier, ConvSpec, ConvStack, PoolSpec, adaptive_avg_pool, flatten
+from jaxnets.layers import (
+    Classifier,
+    ConvSpec,
+    ConvStack,
+    PoolSpec,
+    adaptive_avg_pool,
+    check_probability,
+    flatten,
+    image_model_call,
+)
 
 POOL = PoolSpec(3, 2)
 FEATURES = (ConvSpec(64, 11, 4, 2), POOL, ConvSpec(192, 5, 1, 2), POOL,
@@ -26,8 +35,10 @@ class AlexNet(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
+    @image_model_call
     def __call__(self, x: jax.Array, train: bool = False, *, pre_logits: bool = False,
                  frozen_norm: tuple[str, ...] = ()) -> jax.Array:
+        check_probability(self, "dropout")
         del frozen_norm  # AlexNet has no BatchNorm
         x = ConvStack(FEATURES, dtype=self.dtype, name="features")(x)
         x = flatten(adaptive_avg_pool(x, 6))

@@ -14,7 +14,18 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxnets.layers import Conv2d, Linear, PoolSpec, adaptive_avg_pool, batch_norm, flatten, max_pool, truncated_normal
+from jaxnets.layers import (
+    Conv2d,
+    Linear,
+    PoolSpec,
+    adaptive_avg_pool,
+    batch_norm,
+    check_probability,
+    flatten,
+    image_model_call,
+    max_pool,
+    truncated_normal,
+)
 
 init = truncated_normal(0.01)  # torchvision: trunc_normal_(std=0.01, a=-2, b=2) for conv and linear weights
 
@@ -121,8 +132,11 @@ class GoogLeNet(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
+    @image_model_call
     def __call__(self, x: jax.Array, train: bool = False, *, pre_logits: bool = False,
                  frozen_norm: tuple[str, ...] = ()) -> jax.Array | GoogLeNetOutputs:
+        check_probability(self, "dropout")
+        check_probability(self, "dropout_aux")
         norm = batch_norm(train, frozen_norm, eps=1e-3, dtype=self.dtype)
         conv = dict(norm=norm, dtype=self.dtype)
         if self.transform_input:

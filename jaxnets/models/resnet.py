@@ -9,7 +9,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxnets.layers import Conv2d, Linear, adaptive_avg_pool, batch_norm, kaiming_normal_fan_out, max_pool
+from jaxnets.layers import (
+    Conv2d,
+    Linear,
+    adaptive_avg_pool,
+    batch_norm,
+    image_model_call,
+    kaiming_normal_fan_out,
+    max_pool,
+)
 
 ModuleFactory = Callable[..., nn.Module]
 
@@ -105,6 +113,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
+    @image_model_call
     def __call__(self, x: jax.Array, train: bool = False, *, pre_logits: bool = False,
                  frozen_norm: tuple[str, ...] = ()) -> jax.Array:
         norm = batch_norm(train, frozen_norm, dtype=self.dtype)

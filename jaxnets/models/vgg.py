@@ -15,7 +15,9 @@ from jaxnets.layers import (
     PoolSpec,
     adaptive_avg_pool,
     batch_norm,
+    check_probability,
     flatten,
+    image_model_call,
     kaiming_normal_fan_out,
 )
 
@@ -41,8 +43,10 @@ class VGG(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
+    @image_model_call
     def __call__(self, x: jax.Array, train: bool = False, *, pre_logits: bool = False,
                  frozen_norm: tuple[str, ...] = ()) -> jax.Array:
+        check_probability(self, "dropout")
         layers = tuple(PoolSpec(2, 2) if width == 0 else ConvSpec(width, 3, 1, 1) for width in CONFIGS[self.depth])
         norm = batch_norm(train, frozen_norm, dtype=self.dtype) if self.batch_norm else None
         x = ConvStack(layers, norm, self.dtype, kaiming_normal_fan_out, zeros, name="features")(x)
