@@ -339,8 +339,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def load_dataset(config: DataConfig, process_index: int = 0, process_count: int = 1) -> Dataset:
     """Resolve ``config.dataset``: ``'digits'``, an existing folder, or a TFDS name (prepared in
     ``config.data_dir`` or downloadable). Raises ``DataError`` with a one-line reason."""
-    if not 0 < config.val_fraction < 1:
-        raise DataError(f"val_fraction must be in (0, 1), got {config.val_fraction}")
+    _check_config(config)
     if config.dataset == DIGITS:
         name, class_names, train, val, notes = _digits(config)
     elif Path(config.dataset).expanduser().is_dir():
@@ -373,6 +372,30 @@ def _digits(config: DataConfig):
              f"({config.val_fraction:.0%} of each class, split seed {SPLIT_SEED})"]
     return (DIGITS, class_names, IndexedSplit(labels[train_idx], images[train_idx]),
             IndexedSplit(labels[val_idx], images[val_idx]), notes)
+
+
+def _check_config(config: DataConfig) -> None:
+    """A ``DataError`` naming the first ``DataConfig`` field that the pipeline could not honour: TensorFlow
+    would fail on it at the first batch, many lines deep, or (a zero std) produce infinite pixels."""
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    problems = (
+        ("image_size", config.image_size, "an integer >= 1", is_int(config.image_size) and config.image_size >= 1),
+        ("resize_size", config.resize_size, f"None or an integer >= image_size ({config.image_size})",
+         config.resize_size is None or (is_int(config.resize_size) and config.resize_size >= config.image_size)),
+        ("batch_size", config.batch_size, "an integer >= 1", is_int(config.batch_size) and config.batch_size >= 1),
+        ("eval_batch_size", config.eval_batch_size, "None or an integer >= 1",
+         config.eval_batch_size is None or (is_int(config.eval_batch_size) and config.eval_batch_size >= 1)),
+        ("mean", config.mean, "3 finite numbers", len(config.mean) == 3 and np.isfinite(config.mean).all()),
+        ("std", config.std, "3 finite numbers > 0",
+         len(config.std) == 3 and np.isfinite(config.std).all() and min(config.std) > 0),
+        ("val_fraction", config.val_fraction, "in (0, 1)", 0 < config.val_fraction < 1),
+        ("min_crop_scale", config.min_crop_scale, "in (0, 1]", 0 < config.min_crop_scale <= 1),
+    )
+    for field_name, value, expected, ok in problems:
+        if not ok:
+            raise DataError(f"DataConfig.{field_name} must be {expected}, got {value!r}")
 
 
 def _check_classes(config: DataConfig, class_names: Sequence[str], train: Split) -> list[str]:
@@ -615,7 +638,8 @@ def _tfds(config: DataConfig, process_count: int):
         except Exception as error:  # noqa: BLE001 - network, manual-download and format errors alike
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise DataError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and could not be "
-                            f"downloaded ({reason}); prepare it there or pass --data-dir") from None
+                            f"downloaded ({reason}); prepare it there"
+                            + ("" if config.data_dir else " or pass --data-dir where it is prepared")) from None
     splits = builder.info.splits
     label_feature = builder.info.features[builder.info.supervised_keys[1]]
     class_names = tuple(label_feature.names)

@@ -33,10 +33,21 @@ INTERPOLATION = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampli
                  "bicubic": Image.Resampling.BICUBIC}
 
 
+# PIL's modes for 16- and 32-bit integer grayscale (16-bit PNGs open as one of them).
+WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def read_image(path: str | Path) -> Image.Image:
     """An RGB image from a file; grayscale, RGBA and palette images are converted as
-    ``Image.convert('RGB')`` does (alpha is dropped, as torchvision's folder loader does)."""
+    ``Image.convert('RGB')`` does (alpha is dropped, as torchvision's folder loader does).
+
+    16-bit grayscale is the exception: ``convert`` saturates it (almost every pixel white), while
+    ``train.py``'s decoder (TensorFlow) keeps each value's high byte; predictions use what training saw.
+    """
     with Image.open(path) as image:
+        if image.mode in WIDE_GRAY_MODES:
+            high_byte = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
+            return Image.fromarray(high_byte.astype(np.uint8)).convert("RGB")
         if image.mode in ("P", "PA"):
             image = image.convert("RGBA")  # palette transparency would otherwise warn
         return image.convert("RGB")
@@ -105,13 +116,31 @@ def top_k(logits: np.ndarray, k: int, categories: Sequence[str]) -> list[list[tu
     return [[(categories[i], float(row[i])) for i in indices] for row, indices in zip(probs, order, strict=True)]
 
 
+MAX_IMAGE_SIDE = 8192  # a recorded eval size beyond this is a corrupt entry, not a model's input size
+
+
 def eval_transform(model: str, weights_file: WeightsFile) -> EvalTransform:
     """The model's eval transform at the sizes its weights were validated with: ``train.py`` records them
-    (a model fine-tuned at 64 px is shown 64-px crops, not ImageNet's 224), torchvision's weights use theirs."""
-    transform = get_spec(model).weights.transforms
-    recorded = weights_file.metadata.get("eval_transform") or {}
-    sizes = {key: recorded[key] for key in ("resize_size", "crop_size") if isinstance(recorded.get(key), int)}
-    return dataclasses.replace(transform, **sizes)
+    (a model fine-tuned at 64 px is shown 64-px crops, not ImageNet's 224), torchvision's weights use theirs.
+    A malformed entry is a ``ValueError`` naming the file: guessing would show the model the wrong images."""
+    spec = get_spec(model)
+    recorded = weights_file.metadata.get("eval_transform")
+    if recorded is None:
+        return spec.weights.transforms
+    where = f"{weights_file.path or model}: metadata eval_transform"
+    if not isinstance(recorded, dict) or "crop_size" not in recorded or set(recorded) - {"resize_size", "crop_size"}:
+        raise ValueError(f"{where} = {recorded!r}: expected {{'crop_size': int, 'resize_size': int (optional)}}")
+    crop = recorded["crop_size"]
+    resize = recorded.get("resize_size", round(crop * 256 / 224) if _is_int(crop) else crop)
+    low = max(spec.weights.min_size)
+    for key, value, minimum in (("crop_size", crop, low), ("resize_size", resize, crop if _is_int(crop) else low)):
+        if not _is_int(value) or not minimum <= value <= MAX_IMAGE_SIDE:
+            raise ValueError(f"{where}: {key}={value!r}, expected an integer from {minimum} to {MAX_IMAGE_SIDE}")
+    return dataclasses.replace(spec.weights.transforms, resize_size=resize, crop_size=crop)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def category_names(weights_file: WeightsFile) -> tuple[str, ...]:
@@ -150,10 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         weights_file = open_pretrained(args.model, args.weights)
         model, variables = instantiate(weights_file)
+        transform = eval_transform(args.model, weights_file)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    transform = eval_transform(args.model, weights_file)
     categories = category_names(weights_file)
     forward = make_forward(model)
     variables = jax.device_put(variables)
@@ -165,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 arrays.append(preprocess(read_image(path), transform))
                 readable.append(path)
-            except (OSError, ValueError) as exc:  # PIL raises UnidentifiedImageError (an OSError), ...
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError: OSError
                 print(f"error: {path}: cannot read image ({exc})", file=sys.stderr)
                 failed += 1
         if not arrays:

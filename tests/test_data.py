@@ -3,7 +3,9 @@ TFDS (mocked), bad input, and torchvision's eval transform as the oracle."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -301,4 +303,23 @@ def test_unknown_or_undownloadable_tfds_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
     with pytest.raises(DataError, match="'mnist' is not prepared in .* could not be downloaded") as info:
         load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and str(info.value).endswith("prepare it there")  # --data-dir was given
+    with pytest.raises(DataError, match="prepare it there or pass --data-dir where it is prepared$"):
+        load_dataset(DataConfig(dataset="mnist"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("image_size", 0, "DataConfig.image_size must be an integer >= 1, got 0"),
+    ("image_size", 16.5, "DataConfig.image_size must be an integer >= 1, got 16.5"),
+    ("resize_size", 8, "DataConfig.resize_size must be None or an integer >= image_size (16), got 8"),
+    ("batch_size", 0, "DataConfig.batch_size must be an integer >= 1, got 0"),
+    ("eval_batch_size", True, "DataConfig.eval_batch_size must be None or an integer >= 1, got True"),
+    ("std", (0.0, 0.2, 0.2), "DataConfig.std must be 3 finite numbers > 0, got (0.0, 0.2, 0.2)"),
+    ("mean", (0.5, float("nan"), 0.5), "DataConfig.mean must be 3 finite numbers, got (0.5, nan, 0.5)"),
+    ("val_fraction", 1.0, "DataConfig.val_fraction must be in (0, 1), got 1.0"),
+    ("min_crop_scale", 2.0, "DataConfig.min_crop_scale must be in (0, 1], got 2.0"),
+])
+def test_data_config_the_pipeline_cannot_honour_is_refused_by_field(field, value, message):
+    config = dataclasses.replace(DataConfig(image_size=16, batch_size=8), **{field: value})
+    with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
+        load_dataset(config)

@@ -168,3 +168,53 @@ def test_cli_rejects_weights_of_another_model(resnet18, capsys):
     assert predict.main(["--model", "resnet34", "--weights", str(resnet18[2]), "x.jpg"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds resnet18 weights, not resnet34" in err
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"resize_size": 73.0, "crop_size": 64.0}, "crop_size=64.0, expected an integer from 1 to 8192"),
+    ({"resize_size": True, "crop_size": 64}, "resize_size=True, expected an integer from 64 to 8192"),
+    ({"resize_size": 40, "crop_size": 64}, "resize_size=40, expected an integer from 64 to 8192"),
+    ({"crop_size": 0}, "crop_size=0, expected an integer from 1 to 8192"),
+    ({"resize_size": 10**9, "crop_size": 64}, "resize_size=1000000000, expected an integer from 64 to 8192"),
+    ({"resize_size": 73}, "expected {'crop_size': int, 'resize_size': int (optional)}"),
+    ("64px", "expected {'crop_size': int, 'resize_size': int (optional)}"),
+])
+def test_malformed_eval_sizes_are_a_one_line_error_naming_the_file(resnet18, tmp_path, capsys, entry, message):
+    _, variables, _ = resnet18
+    weights = save_weights(tmp_path / "bad.safetensors", "resnet18", variables, metadata={"eval_transform": entry})
+    image = write_image(tmp_path / "z.png", 40, 40, "RGB")
+    assert predict.main(["--model", "resnet18", "--weights", str(weights), str(image)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {weights}: metadata eval_transform") and message in err
+
+
+def test_crop_size_alone_resizes_as_training_does(resnet18, tmp_path):
+    _, variables, _ = resnet18
+    weights = save_weights(tmp_path / "crop.safetensors", "resnet18", variables,
+                           metadata={"eval_transform": {"crop_size": 64}})
+    transform = predict.eval_transform("resnet18", jaxnets.weights.load_weights(weights))
+    assert (transform.resize_size, transform.crop_size) == (73, 64)  # round(64 * 256 / 224), as DataConfig
+
+
+def test_sixteen_bit_grayscale_is_read_as_training_reads_it(tmp_path):
+    """TensorFlow (train.py's decoder) keeps each 16-bit value's high byte; PIL's convert('RGB') saturates."""
+    import tensorflow as tf
+
+    values = np.random.default_rng(0).integers(0, 65536, (20, 30)).astype(np.uint16)
+    path = tmp_path / "wide.png"
+    Image.fromarray(values).save(path)
+    decoded = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False).numpy()
+    np.testing.assert_array_equal(np.asarray(predict.read_image(path)), decoded)
+
+
+def test_a_decompression_bomb_is_one_unreadable_file(resnet18, tmp_path, capsys, monkeypatch):
+    _, _, weights = resnet18
+    good = write_image(tmp_path / "good.png", 64, 64, "RGB")
+    huge = write_image(tmp_path / "huge.png", 300, 300, "RGB")
+    # 300 x 300 is then more than twice the limit (an error); the good image resized to 256 x 256 is not.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)
+    assert predict.main(["--model", "resnet18", "--weights", str(weights), str(huge), str(good)]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[:1] == [str(good)], err
+    assert f"error: {huge}: cannot read image (Image size (90000 pixels) exceeds limit" in err
