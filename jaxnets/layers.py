@@ -497,11 +497,8 @@ def _registered_names(module: nn.Module) -> list[str]:
     """Registry names whose builder makes this module (only on error paths: the registry imports the models)."""
     from jaxnets import registry
 
-    def builds(builder: Any) -> bool:
-        keywords = getattr(builder, "keywords", {})
-        return (getattr(builder, "func", builder) is type(module)
-                and all(getattr(module, k, None) == v for k, v in keywords.items()))
-    return [name for name in registry.list_models() if builds(registry.get_spec(name).builder)]
+    return [name for name in registry.list_models() if registry.model_class(name) is type(module)
+            and all(getattr(module, k, None) == v for k, v in registry.bound_options(name).items())]
 
 
 def _model_name(module: nn.Module) -> str:
