@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from jaxnets import host, parallel, training, transfer
-from jaxnets.config import TrainConfig, resolve
+from jaxnets.config import check_image_size
 from jaxnets.registry import create_model, get_spec, list_models
 
 MODES = ("train", "infer", "probe")
@@ -574,10 +574,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _check_image_size(parser: argparse.ArgumentParser, name: str, image_size: int) -> None:
-    """The model's minimum input size, checked as train.py checks it (``jaxnets.config.resolve``): torchvision's
-    layers fail below it too, so this holds for ``--conv-layers`` as well."""
+    """The model's minimum input size, checked as train.py checks it: torchvision's layers fail below it
+    too, so this holds for ``--conv-layers`` as well."""
     try:
-        resolve(TrainConfig(model=name, image_size=image_size))
+        check_image_size(name, image_size)
     except ValueError as error:
         parser.error(str(error))
 

@@ -100,8 +100,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         image_size = 16 * math.ceil(max(16, *spec.weights.min_size) / 16)
     else:
         image_size = spec.weights.transforms.crop_size
-    if image_size < max(spec.weights.min_size):
-        raise ValueError(f"--image-size {image_size}: {config.model} needs at least {max(spec.weights.min_size)} px")
+    check_image_size(config.model, image_size)
     for flag, value in (("--dataset", config.dataset), ("--workdir", config.workdir)):
         if value is not None and not value.strip():
             raise ValueError(f"{flag} is empty")
@@ -114,17 +113,23 @@ def resolve(config: TrainConfig) -> TrainConfig:
         batch_size=batch_size,
         eval_batch_size=_default(config.eval_batch_size, batch_size),
         epochs=_default(config.epochs, 12 if digits else 90),
-        lr=config.lr if config.lr is not None else (1e-3 if adamw else 0.1),
-        weight_decay=config.weight_decay if config.weight_decay is not None else (
-            0.05 if adamw else (5e-4 if digits else 1e-4)),
-        warmup_epochs=config.warmup_epochs if config.warmup_epochs is not None else (1.0 if digits else 5.0),
-        min_crop_scale=config.min_crop_scale if config.min_crop_scale is not None else (0.9 if digits else 0.08),
-        hflip=config.hflip if config.hflip is not None else not digits,
+        lr=_default(config.lr, 1e-3 if adamw else 0.1),
+        weight_decay=_default(config.weight_decay, 0.05 if adamw else (5e-4 if digits else 1e-4)),
+        warmup_epochs=_default(config.warmup_epochs, 1.0 if digits else 5.0),
+        min_crop_scale=_default(config.min_crop_scale, 0.9 if digits else 0.08),
+        hflip=_default(config.hflip, not digits),
     )
     _check_ranges(resolved)
     if spec.family != "googlenet" and resolved.no_aux:
         raise ValueError(f"--no-aux: {config.model} has no auxiliary heads (GoogLeNet only)")
     return resolved
+
+
+def check_image_size(model: str, image_size: int) -> None:
+    """``--image-size`` against the model's minimum input (below it an internal feature map is empty)."""
+    minimum = max(get_spec(model).weights.min_size)
+    if image_size < minimum:
+        raise ValueError(f"--image-size {image_size}: {model} needs at least {minimum} px")
 
 
 def peak_learning_rate(config: TrainConfig) -> float:
