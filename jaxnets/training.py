@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 from flax import struct
+from jax.experimental.compilation_cache import compilation_cache
 
 from jaxnets import host, parallel, transfer
 from jaxnets.checkpointing import Checkpointer
@@ -228,15 +229,22 @@ class TrainResult:
 
 
 def setup_compilation_cache(directory: str | None) -> None:
-    """Persistent XLA compilation cache, so that a second run (or a resumed one) does not recompile."""
-    if directory == "":
-        return
+    """Persistent XLA compilation cache, so that a second run (or a resumed one) does not recompile.
+
+    ``None`` is the default directory, ``''`` switches the cache off. The setting is the process's: JAX opens
+    its cache once, so a change of directory also resets it (else a second run in one process, or one that
+    asked for no cache, would go on writing to the first run's directory)."""
     if directory is None:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         directory = os.path.join(base, "jaxnets", "jax_compilation_cache")
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    directory = directory or None
+    if jax.config.jax_compilation_cache_dir == directory:
+        return
+    compilation_cache.set_cache_dir(directory)
+    if directory:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
 
 
 def train_and_evaluate(config: TrainConfig) -> TrainResult:

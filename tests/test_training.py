@@ -39,6 +39,24 @@ def _params(result) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(parallel.to_host(result.state.params))]
 
 
+def test_compilation_cache_follows_the_last_setting(tmp_path):
+    """JAX opens its cache once: a second directory, or '' (off), must still take effect in the same process."""
+    first, second = tmp_path / "first", tmp_path / "second"
+
+    def compile_in(directory: Path | str, name: str) -> None:
+        training.setup_compilation_cache(str(directory))
+        function = lambda x: x * len(name)  # noqa: E731 - a fresh function: a new compilation
+        function.__name__ = name
+        jax.jit(function)(np.ones(3, np.float32))
+
+    compile_in(first, "triple")
+    compile_in(second, "quadruple")
+    compile_in("", "quintuple")
+    names = {d.name: sorted(f.name.split("-")[0] for f in d.iterdir()) for d in (first, second)}
+    assert names == {"first": ["jit_triple"], "second": ["jit_quadruple"]}
+    assert jax.config.jax_compilation_cache_dir is None
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_cross_entropy_matches_torch(smoothing):
     rng = np.random.default_rng(0)
