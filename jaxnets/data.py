@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import struct
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -633,13 +634,13 @@ def _tfds(config: DataConfig, process_count: int):
     if not builder.info.supervised_keys:
         raise DataError(f"TFDS dataset {name!r} has no (image, label) supervised keys")
     if not _is_prepared(builder):
-        try:
-            builder.download_and_prepare()
-        except Exception as error:  # noqa: BLE001 - network, manual-download and format errors alike
-            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        # A manual-download dataset (ImageNet) prepares from local files: no network needed, none checked.
+        offline = None if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else _offline_reason()
+        reason = offline or _download_and_prepare(builder)
+        if reason:
             raise DataError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and could not be "
                             f"downloaded ({reason}); prepare it there"
-                            + ("" if config.data_dir else " or pass --data-dir where it is prepared")) from None
+                            + ("" if config.data_dir else " or pass --data-dir where it is prepared"))
     splits = builder.info.splits
     label_feature = builder.info.features[builder.info.supervised_keys[1]]
     class_names = tuple(label_feature.names)
@@ -652,6 +653,32 @@ def _tfds(config: DataConfig, process_count: int):
         notes = [f"TFDS {name}: no validation split; held out the first {percent}% of train ({val_split})"]
     return (name, class_names, _tfds_split(builder, train_split, process_count),
             _tfds_split(builder, val_split, process_count), notes)
+
+
+_TFDS_HOST = "storage.googleapis.com"  # TFDS's prepared copies, and the source of many of its datasets
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _offline_reason() -> str | None:
+    """Why no download can start, found in a moment rather than after tfds's retries (ten per file with
+    growing waits: 3.5 minutes offline). Only the plain case is decided here: no proxy is set and the TFDS
+    host's name does not resolve; anything else is left to tfds to try."""
+    if any(os.environ.get(variable) for variable in _PROXY_VARIABLES):
+        return None
+    try:
+        socket.getaddrinfo(_TFDS_HOST, 443)
+    except socket.gaierror as error:
+        return f"no network: {_TFDS_HOST} does not resolve ({error.strerror}) and no proxy is set"
+    return None
+
+
+def _download_and_prepare(builder) -> str | None:
+    """tfds's download and preparation; the first line of its error, if it fails."""
+    try:
+        builder.download_and_prepare()
+    except Exception as error:  # noqa: BLE001 - network, manual-download and format errors alike
+        return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return None
 
 
 def _is_prepared(builder) -> bool:

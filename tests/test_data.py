@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from jaxnets import data
 from jaxnets.data import (
     DataConfig,
     DataError,
@@ -277,9 +279,10 @@ def test_folder_skips_truncated_and_mislabelled_images_that_would_crash_training
         assert sum(len(labels) for _, labels in dataset.iterate(split)) == len(dataset._split(split))
 
 
-def test_tfds_dataset_via_mock_data(tmp_path):
+def test_tfds_dataset_via_mock_data(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args: [])  # online, as far as the download check can tell
     with tfds.testing.mock_data(num_examples=24):
         dataset = load_dataset(DataConfig(dataset="cifar10", data_dir=str(tmp_path), image_size=16, batch_size=8))
         assert dataset.num_classes == 10 and "held out" in dataset.notes[0]
@@ -300,12 +303,46 @@ def test_unknown_or_undownloadable_tfds_dataset(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Failed to establish a new connection: [Errno -3] name resolution\nmore details")
 
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args: [])  # the name resolves: tfds gets to try
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
-    with pytest.raises(DataError, match="'mnist' is not prepared in .* could not be downloaded") as info:
+    with pytest.raises(DataError, match="'mnist' is not prepared in .* could not be downloaded "
+                                        r"\(Failed to establish a new connection: \[Errno -3\] name resolution\)"
+                       ) as info:
         load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
     assert "\n" not in str(info.value) and str(info.value).endswith("prepare it there")  # --data-dir was given
     with pytest.raises(DataError, match="prepare it there or pass --data-dir where it is prepared$"):
         load_dataset(DataConfig(dataset="mnist"))
+
+
+@pytest.mark.parametrize("proxy", [None, "HTTPS_PROXY"])
+def test_no_network_is_told_at_once_unless_a_proxy_may_reach_it(proxy, tmp_path, monkeypatch):
+    """Offline, tfds retries each file ten times with growing waits (3.5 min measured for MNIST) before it fails:
+    an unresolvable TFDS host with no proxy set is refused before that, and tfds is not called."""
+    import tensorflow_datasets as tfds
+
+    def unresolvable(host, *args):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    attempts = []
+
+    def attempt(self):
+        attempts.append(self.name)
+        raise ConnectionError("proxy.example: connection refused")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", attempt)
+    for variable in data._PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    if proxy:
+        monkeypatch.setenv(proxy, "http://proxy.example:3128")
+        with pytest.raises(DataError, match=r"could not be downloaded \(proxy.example: connection refused\)"):
+            load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
+        assert attempts == ["mnist"]
+    else:
+        with pytest.raises(DataError, match=r"could not be downloaded \(no network: storage.googleapis.com does not "
+                                            r"resolve \(Name or service not known\) and no proxy is set\)"):
+            load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
+        assert attempts == []
 
 
 @pytest.mark.parametrize("field, value, message", [
