@@ -5,13 +5,12 @@ torchvision after tensorflow crashes (seen with torch 2.14 / tensorflow 2.21), a
 tests of several files in one worker.
 """
 
+import jax
+import pytest
 import torch  # noqa: F401
 import torchvision  # noqa: F401
 
-import jax  # noqa: E402 - after torch, as above
-import pytest  # noqa: E402
-
-from jaxnets import training  # noqa: E402
+from jaxnets import training  # imports TensorFlow only when data is loaded
 
 
 @pytest.fixture(autouse=True)
