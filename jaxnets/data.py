@@ -50,7 +50,7 @@ tf = _LazyTensorFlow()
 Batch = dict[str, np.ndarray]
 
 DIGITS = "digits"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what tf.io.decode_image reads
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what tf.io.decode_image reads
 VAL_DIRS = ("val", "validation")
 SPLIT_SEED = 0  # held-out splits are fixed, whatever --seed is, so runs with different seeds compare
 SHUFFLE_BUFFER = 16_384
@@ -529,7 +529,7 @@ def _check_image(path: str) -> str | None:
             image.verify()
         check = _FORMAT_CHECKS.get(kind)
         if check is None:
-            return f"{kind} data, not JPEG, PNG, GIF or BMP"
+            return f"{kind} data, not JPEG, PNG, GIF, BMP or WebP"
         with open(path, "rb") as file:
             return check(file, mode)
     except Exception as error:  # noqa: BLE001 - any failure means "skip this file"
@@ -618,8 +618,15 @@ def _bmp_problem(file: BinaryIO, mode: str) -> str | None:
     return None if size == expected else f"BMP of {size} bytes, its header implies {expected}: truncated or padded"
 
 
+def _webp_problem(file: BinaryIO, mode: str) -> str | None:
+    """TensorFlow decodes an animated WebP only to RGBA, so asked for RGB (as training asks) it fails."""
+    header = file.read(21)
+    animated = header[12:16] == b"VP8X" and header[20] & 0x02  # the extended header's animation flag
+    return "animated WebP: TensorFlow decodes WebP animations to RGBA only" if animated else None
+
+
 _FORMAT_CHECKS = {"JPEG": _jpeg_problem, "MPO": _jpeg_problem, "PNG": _png_problem, "GIF": _gif_problem,
-                  "BMP": _bmp_problem}  # PIL's name -> what TensorFlow needs beyond PIL's verify
+                  "BMP": _bmp_problem, "WEBP": _webp_problem}  # PIL's name -> what TensorFlow needs beyond PIL's verify
 
 
 def _tfds(config: DataConfig, process_count: int):

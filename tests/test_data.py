@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from jaxnets import data
+from jaxnets import data as data_module
 from jaxnets.data import (
     DataConfig,
     DataError,
@@ -230,6 +230,7 @@ def _tf_decodes(data: bytes) -> bool:
 
 @pytest.mark.parametrize("fmt,options", [
     ("JPEG", {}), ("JPEG", {"progressive": True}), ("PNG", {}), ("GIF", {}), ("BMP", {}), ("BMP", {"mode": "L"}),
+    ("WEBP", {}), ("WEBP", {"lossless": True}), ("WEBP", {"mode": "RGBA", "lossless": True}),
 ])
 def test_image_check_rejects_exactly_the_cut_files_tensorflow_fails_on(tmp_path, fmt, options):
     """Every prefix of a file: PIL's verify passes most of them, TensorFlow's decoder fails on them mid-run."""
@@ -241,7 +242,8 @@ def test_image_check_rejects_exactly_the_cut_files_tensorflow_fails_on(tmp_path,
 
 
 @pytest.mark.parametrize("data,problem", [
-    (_encoded("TIFF"), "TIFF data, not JPEG, PNG, GIF or BMP"),
+    (_encoded("TIFF"), "TIFF data, not JPEG, PNG, GIF, BMP or WebP"),
+    (_encoded("WEBP", save_all=True, append_images=[Image.new("RGB", (32, 24))]), "animated WebP"),
     (_encoded("PPM"), "PPM data"),
     (_encoded("JPEG")[:-2] + bytes(20), "truncated JPEG: no end-of-image marker"),  # zero padding, no marker
     (_encoded("BMP", mode="1"), "BMP with 1 bits per pixel"),
@@ -258,6 +260,17 @@ def test_image_check_rejects_what_tensorflow_cannot_decode(tmp_path, data, probl
 def test_image_check_accepts_data_after_the_image(tmp_path, data):
     (tmp_path / "x.jpg").write_bytes(data)
     assert _check_image(str(tmp_path / "x.jpg")) is None and _tf_decodes(data)
+
+
+def test_webp_images_in_a_folder_train_with_the_pixels_pil_reads(tmp_path):
+    root = _write_folder(tmp_path / "pets")
+    data = _encoded("WEBP", lossless=True)
+    (root / "dog" / "web.webp").write_bytes(data)
+    dataset = load_dataset(DataConfig(dataset=str(root), image_size=16, batch_size=4))
+    webp = [path for path in [*dataset.train.paths, *dataset.val.paths] if path.endswith(".webp")]
+    assert webp == [str(root / "dog" / "web.webp")]
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    np.testing.assert_array_equal(data_module._decode_file(tf.constant(webp[0])).numpy(), pixels)
 
 
 def test_a_palette_bmp_is_rejected_as_tensorflow_reads_its_indices_as_gray_levels(tmp_path):
@@ -331,7 +344,7 @@ def test_no_network_is_told_at_once_unless_a_proxy_may_reach_it(proxy, tmp_path,
 
     monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", attempt)
-    for variable in data._PROXY_VARIABLES:
+    for variable in data_module._PROXY_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     if proxy:
         monkeypatch.setenv(proxy, "http://proxy.example:3128")
