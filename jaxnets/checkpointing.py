@@ -10,7 +10,10 @@ checkpoint whose bytes changed on disk is refused, never resumed from.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,22 @@ def state_digest(state: Any) -> int | None:
     return crc
 
 
+class _MissingMetricsFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_about_missing_metrics() -> Iterator[None]:
+    """Without orbax's warning (through absl's logger) on each save that has no metrics."""
+    logger, quiet = logging.getLogger("absl"), _MissingMetricsFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 class Checkpointer:
     """``CheckpointManager`` with two items, ``state`` (a pytree of arrays) and ``meta`` (JSON)."""
 
@@ -48,7 +67,10 @@ class Checkpointer:
             pp.LatestN(n=keep),
             pp.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1, keep_checkpoints_without_metrics=False),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+        # best_fn is what makes orbax write a save's metrics to disk: without it a reopened manager (a resumed
+        # run) sees no metrics, and BestN then drops the best checkpoint at the next save.
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                               best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="max")
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)
 
@@ -87,7 +109,8 @@ class Checkpointer:
         digest = state_digest(state)
         meta = meta if digest is None else {**meta, DIGEST_KEY: digest}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        return self.manager.save(step, args=args, metrics=metrics, force=True)
+        with _quiet_about_missing_metrics():  # a save between evaluations has none, by design
+            return self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def _unreadable(self, step: int, reason: Any) -> CheckpointError:
         """A one-line error naming the checkpoint, why, and what to do (resume from an older one)."""

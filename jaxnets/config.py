@@ -24,7 +24,7 @@ LR_REFERENCE_BATCH = 256
 # step means (the model, the data, how it is batched) or the optimizer state's structure (which
 # parameters train, how their updates are transformed) and would make the resumed run a different run.
 RESUME_KEYS = ("model", "dataset", "classes", "image_size", "batch_size", "seed", "no_aux", "num_classes",
-               "optimizer", "grad_clip", "freeze", "backbone_lr_mult", "layer_decay")
+               "val_fraction", "optimizer", "grad_clip", "freeze", "backbone_lr_mult", "layer_decay")
 
 
 @dataclass(frozen=True)

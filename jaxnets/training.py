@@ -113,14 +113,20 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int, *, trainable_mask:
     else:
         base = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
                            optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
-    if config.grad_clip:
-        base = optax.chain(optax.clip_by_global_norm(config.grad_clip), base)
     if trainable_mask is not None:
         # The masks have the parameters' structure: all that layer-wise multipliers need.
         lr_mults = (transfer.layerwise_lr_mults(config.model, trainable_mask, config.layer_decay)
                     if config.layer_decay != 1.0 else None)
         base = transfer.build_optimizer(base, trainable_mask, head_mask=head_mask,
                                         backbone_lr_mult=config.backbone_lr_mult, lr_mults=lr_mults)
+    if config.grad_clip:
+        # One norm over all trainable gradients, as torch's clip_grad_norm_ over the parameters that have one:
+        # outside build_optimizer's partition, where each learning-rate group would be clipped on its own.
+        clip = optax.clip_by_global_norm(config.grad_clip)
+        if trainable_mask is not None:
+            frozen = jax.tree.map(lambda trainable: not trainable, trainable_mask)
+            clip = optax.chain(optax.masked(optax.set_to_zero(), frozen), clip)
+        base = optax.chain(clip, base)
     return base, schedule
 
 
@@ -253,7 +259,7 @@ def train_and_evaluate(config: TrainConfig) -> TrainResult:
     config, mesh, dataset = setup(config)
     workdir = Path(config.workdir).absolute()
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-    resume_step = _check_resumable(checkpointer, config)
+    resume_step = _check_resumable(checkpointer, config, dataset.steps_per_epoch)
 
     run = RunLog(workdir, enabled=parallel.is_main_process(), resume_step=resume_step or 0)
     run.print(f"run directory: {workdir}")
@@ -369,13 +375,17 @@ def _host_malloc(platform: str) -> str:
     return f", malloc: {host.running_allocator()}" if platform == "cpu" else ""
 
 
-def _check_resumable(checkpointer: Checkpointer, config: TrainConfig) -> int | None:
-    """The step to resume from, after checking the checkpoint is of this model and data."""
+def _check_resumable(checkpointer: Checkpointer, config: TrainConfig, steps_per_epoch: int) -> int | None:
+    """The step to resume from, after checking the checkpoint is of this model and data: the step counts
+    epochs and places the data, so a dataset that has grown or shrunk since cannot resume either."""
     step = checkpointer.latest_step()
     if step is None:
         return None
-    saved = checkpointer.read_meta(step).get("config", {})
-    problem = resume_mismatch(saved, config)
+    meta = checkpointer.read_meta(step)
+    problem = resume_mismatch(meta.get("config", {}), config)
+    saved_steps = meta.get("steps_per_epoch", steps_per_epoch)
+    if not problem and saved_steps != steps_per_epoch:
+        problem = f"{saved_steps} steps per epoch (this run: {steps_per_epoch}; the dataset changed)"
     if problem:
         raise ValueError(f"--workdir {config.workdir} holds a checkpoint (step {step}) of a different run: {problem}; "
                          f"use another --workdir")
@@ -451,7 +461,8 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
                     if parallel.any_process(stop.signum is not None):
                         stop.signum = stop.signum or signal.SIGTERM
                         break
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and not end_of_epoch:
+                if (config.checkpoint_every and step % config.checkpoint_every == 0 and not end_of_epoch
+                        and step != stop_step):  # the last step is saved below, with its evaluation
                     _check_finite(_mean(parallel.to_host(pending)), step, checkpointer)
                     save()
                 if step >= stop_step:

@@ -76,3 +76,17 @@ def test_damaged_checkpoints_fail_with_one_line(tmp_path, damage):
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"checkpoint step {step} in {tmp_path}")
     assert message.endswith("to resume from step 1" if step == 5 else "use another --workdir")
+
+
+def test_the_best_checkpoint_and_its_metrics_survive_a_restart(tmp_path):
+    """A resumed run reopens the manager: the metrics must be on disk, or the best is dropped at its next save."""
+    first = Checkpointer(tmp_path, keep=2)
+    for step, top1 in [(1, 0.9), (2, 0.5), (3, 0.4)]:
+        first.save(step, STATE, {}, {"top1": top1})
+    first.save(4, STATE, {})  # a stop: no evaluation
+    first.close()
+    resumed = Checkpointer(tmp_path, keep=2)
+    assert {step: resumed.has_metrics(step) for step in resumed.manager.all_steps()} == {1: True, 3: True, 4: False}
+    resumed.save(5, STATE, {}, {"top1": 0.3})
+    resumed.close()
+    assert Checkpointer(tmp_path, keep=2).manager.all_steps() == [1, 4, 5]  # the last two and the best

@@ -15,6 +15,7 @@ import optax
 import pytest
 import torch
 from flax import linen as nn
+from flax import traverse_util
 
 from jaxnets import GoogLeNetOutputs, parallel, training
 from jaxnets.config import TrainConfig, resolve
@@ -103,6 +104,47 @@ def test_layer_decay_flag_scales_each_block_by_its_depth():
     assert float(updates["conv1"]["kernel"][0, 0, 0, 0]) == pytest.approx(-lr * 0.5 * 0.5**10)
     with pytest.raises(ValueError, match=r"--layer-decay must be in \(0, 1\], got 1.5"):
         resolve(TrainConfig(model="resnet18", layer_decay=1.5))
+
+
+def test_grad_clip_is_one_global_norm_over_trainable_gradients_as_torch():
+    """--grad-clip with learning-rate groups and a frozen leaf: torch clips all gradients together
+    (clip_grad_norm_), then each group steps with its lr; a frozen parameter has no gradient to count."""
+    config = resolve(TrainConfig(model="resnet18", batch_size=256, lr=0.1, warmup_epochs=0, schedule="step",
+                                 step_epochs=(), epochs=1, momentum=0.9, weight_decay=0.01, grad_clip=1.0,
+                                 backbone_lr_mult=0.5))
+    rng = np.random.default_rng(0)
+    shapes = {"conv1": {"kernel": (3, 3, 2, 4)}, "bn1": {"scale": (4,)}, "layer1": {"kernel": (4, 4)},
+              "fc": {"kernel": (4, 3), "bias": (3,)}}
+    is_leaf = lambda x: isinstance(x, tuple)  # noqa: E731
+    params = jax.tree.map(lambda shape: rng.normal(size=shape).astype(np.float32), shapes, is_leaf=is_leaf)
+    trainable = {"conv1": {"kernel": False}, "bn1": {"scale": True}, "layer1": {"kernel": True},
+                 "fc": {"kernel": True, "bias": True}}
+    head = {"conv1": {"kernel": False}, "bn1": {"scale": False}, "layer1": {"kernel": False},
+            "fc": {"kernel": True, "bias": True}}
+    grads = [jax.tree.map(lambda p: 10 * rng.normal(size=p.shape).astype(np.float32), params) for _ in range(3)]
+
+    tx, schedule = training.make_optimizer(config, steps_per_epoch=10, trainable_mask=trainable, head_mask=head)
+    ours = jax.tree.map(jnp.asarray, params)
+    state = tx.init(ours)
+    for g in grads:  # the frozen leaf's gradient is not zero here: it must still not count
+        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, ours)
+        ours = optax.apply_updates(ours, updates)
+
+    flat = lambda tree: traverse_util.flatten_dict(tree, sep="/")  # noqa: E731
+    tensors = {k: torch.tensor(v, requires_grad=flat(trainable)[k]) for k, v in flat(params).items()}
+    lr = float(schedule(0))
+    group = lambda names, mult: {"params": [tensors[n] for n in names], "lr": lr * mult,  # noqa: E731
+                                 "weight_decay": config.weight_decay if tensors[names[0]].ndim > 1 else 0.0}
+    torch_opt = torch.optim.SGD([group(["fc/kernel"], 1.0), group(["fc/bias"], 1.0), group(["layer1/kernel"], 0.5),
+                                 group(["bn1/scale"], 0.5)], lr=lr, momentum=config.momentum)
+    for g in grads:
+        for name, tensor in tensors.items():
+            tensor.grad = torch.tensor(flat(g)[name]) if tensor.requires_grad else None
+        torch.nn.utils.clip_grad_norm_([t for t in tensors.values() if t.requires_grad], config.grad_clip)
+        torch_opt.step()
+    for name, value in flat(ours).items():
+        np.testing.assert_allclose(np.asarray(value), tensors[name].detach().numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -217,6 +259,19 @@ def test_stop_at_an_epoch_end_is_evaluated_on_resume(tiny, monkeypatch):
     assert val_steps() == [26, 27]
 
 
+def test_a_resumed_run_logs_each_evaluation_once_and_keeps_the_best(tiny):
+    """Runs that stop at an epoch's end, then at a --checkpoint-every step: the metrics of each saved evaluation
+    stay on disk, so a resumed run does not evaluate (and log) that epoch again, and the best is kept."""
+    config = tiny("once", batch_size=64, epochs=3, keep_checkpoints=1, log_every=100)
+    steps_per_epoch = load_dataset(resolve(config).data_config()).steps_per_epoch
+    training.train_and_evaluate(dataclasses.replace(config, steps=steps_per_epoch))
+    training.train_and_evaluate(dataclasses.replace(config, steps=steps_per_epoch + 1, checkpoint_every=1))
+    records = read_metrics(f"{config.workdir}/{METRICS_FILE}")
+    assert [r["step"] for r in records if r["split"] == "val"] == [steps_per_epoch, steps_per_epoch + 1]
+    checkpointer = training.Checkpointer(f"{config.workdir}/checkpoints", keep=1)
+    assert checkpointer.has_metrics(steps_per_epoch + 1)  # the last step was saved with its evaluation
+
+
 def test_workdir_of_another_run_is_refused_and_left_as_it_was(tiny):
     config = tiny("other", steps=1)
     training.train_and_evaluate(config)
@@ -228,6 +283,10 @@ def test_workdir_of_another_run_is_refused_and_left_as_it_was(tiny):
         training.train_and_evaluate(dataclasses.replace(config, optimizer="adamw"))
     with pytest.raises(ValueError, match=r"of a different run: freeze='none'"):
         training.train_and_evaluate(dataclasses.replace(config, freeze="backbone"))
+    with pytest.raises(ValueError, match=r"of a different run: val_fraction=0.2 \(this run: 0.3\)"):
+        training.train_and_evaluate(dataclasses.replace(config, val_fraction=0.3))  # would validate on trained images
+    with pytest.raises(ValueError, match=r"of a different run: 26 steps per epoch \(this run: 27; the dataset "):
+        training._check_resumable(training.Checkpointer(f"{config.workdir}/checkpoints"), training.setup(config)[0], 27)
     assert training.Checkpointer(f"{config.workdir}/checkpoints").latest_step() == 1  # untouched
     assert (Path(config.workdir) / CONFIG_FILE).read_text() == saved_config
     # A linear probe would overwrite the run's logs.
