@@ -288,11 +288,26 @@ class Dataset:
 
 def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor, scale: tuple[float, float] = (0.08, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
-    """torchvision's ``RandomResizedCrop``: a crop of random area fraction and aspect ratio, resized."""
+    """torchvision's ``RandomResizedCrop`` bounds: a crop of area fraction in ``scale`` and aspect ratio
+    (width / height) in ``ratio``, up to rounding to whole pixels, tried 10 times, else torchvision's
+    fallback: a center crop of the image's aspect ratio clamped into ``ratio``. Within those bounds crops
+    are drawn as TensorFlow's ``sample_distorted_bounding_box`` draws them, not with torchvision's
+    distribution (area uniform, ratio log-uniform). Bilinear, antialiased resize."""
+    shape = tf.shape(image)
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed, area_range=scale,
+        shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, area_range=scale,
         aspect_ratio_range=ratio, max_attempts=10, use_image_if_no_bounding_boxes=True)
-    crop = tf.slice(image, begin, crop_size)
+    # TensorFlow falls back to the whole image, whatever its aspect ratio (a 3:2 photo is squeezed by 1.5);
+    # torchvision to a center crop of that ratio clamped into ``ratio``. Only an out-of-range whole image
+    # differs: a sampled crop has its ratio in range.
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    too_wide, too_tall = width / height > ratio[1], width / height < ratio[0]
+    clamped = tf.stack([tf.where(too_tall, tf.cast(tf.round(width / ratio[0]), tf.int32), shape[0]),
+                        tf.where(too_wide, tf.cast(tf.round(height * ratio[1]), tf.int32), shape[1])])
+    fallback = tf.reduce_all(tf.equal(crop_size[:2], shape[:2])) & (too_wide | too_tall)
+    crop_hw = tf.where(fallback, clamped, crop_size[:2])
+    begin_hw = tf.where(fallback, (shape[:2] - clamped) // 2, begin[:2])
+    crop = tf.slice(image, tf.concat([begin_hw, [0]], 0), tf.concat([crop_hw, [-1]], 0))
     return tf.image.resize(tf.cast(crop, tf.float32), (size, size), "bilinear", antialias=True)
 
 

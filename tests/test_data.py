@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
 
 from jaxnets import data as data_module
+from jaxnets import registry
+from jaxnets.config import TrainConfig, resolve
 from jaxnets.data import (
     DataConfig,
     DataError,
@@ -23,6 +25,7 @@ from jaxnets.data import (
     center_crop,
     load_dataset,
     parse_classes,
+    random_resized_crop,
     resize_shorter,
     tf,
 )
@@ -373,3 +376,88 @@ def test_data_config_the_pipeline_cannot_honour_is_refused_by_field(field, value
     config = dataclasses.replace(DataConfig(image_size=16, batch_size=8), **{field: value})
     with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
         load_dataset(config)
+
+
+def _eval_reference(path, resize: int, crop: int, mean, std) -> np.ndarray:
+    """torchvision v2's eval pipeline on the decoded file: Resize -> CenterCrop -> ToImage/ToDtype -> Normalize."""
+    pipeline = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop), v2.ToImage(),
+                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    with Image.open(path) as image:
+        return pipeline(image.convert("RGB")).numpy().transpose(1, 2, 0)
+
+
+@pytest.mark.parametrize("weights_stats", [None, ((0.2, 0.5, 0.7), (0.1, 0.3, 0.25))])
+def test_eval_batches_are_normalized_as_torchvision_with_the_weights_mean_and_std(tmp_path, monkeypatch,
+                                                                                  weights_stats):
+    """The training pipeline's eval batches against torchvision v2, normalized with the mean and std of the
+    model's weights metadata: torchvision's ImageNet ones, and (patched into the registry) per-channel values
+    unlike any default, which a pipeline ignoring the weights' metadata or swapping channels would miss."""
+    if weights_stats is not None:
+        spec = registry.get_spec("resnet18")
+        transforms = dataclasses.replace(spec.weights.transforms, mean=weights_stats[0], std=weights_stats[1])
+        monkeypatch.setitem(registry._REGISTRY, "resnet18",
+                            dataclasses.replace(spec, weights=dataclasses.replace(spec.weights, transforms=transforms)))
+    expected = registry.get_spec("resnet18").weights.transforms
+    rng = np.random.default_rng(0)
+    root = tmp_path / "pets"
+    for label, size in (("cat", (20, 24)), ("cat", (33, 21)), ("dog", (18, 18)), ("dog", (40, 29))):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / label / f"{size}-{i}.png")
+    config = resolve(TrainConfig(model="resnet18", dataset=str(root), image_size=16, batch_size=4,
+                                 pretrained="default")).data_config()
+    assert (config.mean, config.std) == (expected.mean, expected.std)
+    dataset = load_dataset(config)
+    batches = list(dataset.eval_batches("train"))
+    ours = np.concatenate([b["image"][b["mask"]] for b in batches])
+    assert len(ours) == len(dataset.train) == 6
+    reference = np.stack([_eval_reference(p, config.eval_resize, 16, expected.mean, expected.std)
+                          for p in dataset.train.paths])
+    assert ours.shape == reference.shape == (6, 16, 16, 3)
+    # In intensity levels (0..255): the tolerance of test_eval_transform_matches_torchvision (torchvision rounds
+    # the resized image to uint8, TensorFlow keeps floats). A missing mean subtraction is ~100 levels off.
+    levels = np.abs(ours - reference) * np.asarray(expected.std, np.float32) * 255
+    assert np.mean(levels) < 1.0 and np.max(levels) <= 3.0
+
+
+def _crop_boxes(height: int, width: int, scale: tuple[float, float], count: int, size: int = 32) -> np.ndarray:
+    """(top, left, h, w) of ``count`` crops of ``random_resized_crop``, read off its output: the image holds each
+    pixel's row and column, which a (bilinear, antialiased) resize keeps linear away from the borders."""
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    image = tf.constant(np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8))
+    crop = tf.function(lambda seed: random_resized_crop(image, size, seed, scale=scale))
+    inner = np.arange(2, size - 2)
+    boxes = []
+    for k in range(count):
+        out = crop(tf.constant([3, k], tf.int64)).numpy()
+        slope_r, icpt_r = np.polyfit(inner, out[inner, size // 2, 0], 1)
+        slope_c, icpt_c = np.polyfit(inner, out[size // 2, inner, 1], 1)
+        h, w = slope_r * size, slope_c * size  # output pixel i samples input (i + 0.5) * h / size - 0.5 + top
+        boxes.append((icpt_r - 0.5 * h / size + 0.5, icpt_c - 0.5 * w / size + 0.5, h, w))
+    boxes = np.asarray(boxes)
+    assert np.abs(boxes - np.round(boxes)).max() < 0.1  # whole pixels: the read-out is exact
+    return np.round(boxes).astype(int)
+
+
+@pytest.mark.parametrize("height,width", [(160, 240), (240, 160)])
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.9, 1.0)])
+def test_random_resized_crop_keeps_torchvision_bounds_and_fallback(height, width, scale):
+    """torchvision's ``RandomResizedCrop.get_params``: area fraction in ``scale`` and ratio w/h in [3/4, 4/3] (up
+    to rounding h and w), inside the image; when 10 tries fail, a center crop of the ratio clamped into range.
+    A 3:2 image at scale >= 0.9 always falls back: torchvision's fallback box is the oracle."""
+    boxes = _crop_boxes(height, width, scale, count=150)
+    top, left, h, w = boxes.T
+    assert np.all((top >= 0) & (left >= 0) & (top + h <= height) & (left + w <= width))
+    in_range = ((h + 0.5) * (w + 0.5) >= scale[0] * height * width) & ((w - 0.5) / (h + 0.5) <= 4 / 3) \
+        & ((w + 0.5) / (h - 0.5) >= 3 / 4)
+    placeholder = torch.zeros(3, height, width)
+    fallback = {RandomResizedCrop.get_params(placeholder, list(scale), [3 / 4, 4 / 3]) for _ in range(20)}
+    if scale[0] == 0.9:
+        assert len(fallback) == 1  # torchvision always falls back here
+        (box,) = fallback
+        assert not in_range.any() and (boxes == box).all(), (box, boxes[:3])
+    else:
+        assert in_range.all(), boxes[~in_range]
+        area = h * w / (height * width)
+        assert area.min() < 0.15 and area.max() > 0.75  # the whole scale range is drawn from (max here: 0.89)
+        assert (w / h).min() < 0.8 and (w / h).max() > 1.25
