@@ -67,6 +67,26 @@ def test_verify_above_tolerance_fails_and_writes_nothing(resnet18_pth, tmp_path,
     assert not out.exists()
 
 
+def test_verify_catches_a_wrong_conversion_and_writes_nothing(resnet18_pth, tmp_path, capsys, monkeypatch):
+    """A real mismatch, at the real tolerance: the converter scales conv1's kernel by 1.01 (a 1 % error the
+    logits carry), torchvision runs the source file. ``--verify`` must see it, whatever TOLERANCE is."""
+    convert = weights.from_torch_state_dict
+
+    def one_percent_off(name, state_dict, **options):
+        variables = convert(name, state_dict, **options)
+        variables["params"]["conv1"]["kernel"] = variables["params"]["conv1"]["kernel"] * 1.01
+        return variables
+
+    monkeypatch.setattr(weights, "from_torch_state_dict", one_percent_off)
+    out = tmp_path / "r18.safetensors"
+    assert convert_weights.main(["resnet18", "--from", str(resnet18_pth), "--out", str(out), "--verify"]) == 1
+    err = one_line_error(capsys)
+    assert err.startswith("convert_weights.py: error: resnet18.pth: resnet18 in jaxnets does not reproduce "
+                          "torchvision: max |logit diff| "), err
+    assert err.rstrip().endswith("; nothing written"), err
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no temp file left either
+
+
 def test_default_output_goes_next_to_a_local_source(resnet18_pth, capsys):
     assert convert_weights.main(["resnet18", "--from", str(resnet18_pth)]) == 0
     assert load_weights(resnet18_pth.with_name("resnet18.jaxnets.safetensors")).name == "resnet18"

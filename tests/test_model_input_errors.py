@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from torch_oracle import dropout_options, one_per_family
 
 import jaxnets
 
-FAMILIES = ["alexnet", "vgg11_bn", "googlenet", "resnet18"]
+FAMILIES = one_per_family(prefer_batch_norm=True)
 
 
 def init_shapes(model, shape: tuple[int, ...], **kwargs):
@@ -35,8 +36,11 @@ def test_wrong_channels_or_rank_is_refused_on_proper_variables(shape):
     assert str(error.value).splitlines()[0] == f"resnet18 expects NHWC RGB images (N, H, W, 3), got {shape}"
 
 
-@pytest.mark.parametrize("name, minimum", [("alexnet", 63), ("vgg11", 32), ("googlenet", 15)])
-def test_too_small_input_names_the_model_input_and_its_minimum(name, minimum):
+@pytest.mark.parametrize("name", [name for name in FAMILIES if max(jaxnets.get_spec(name).weights.min_size) > 1])
+def test_too_small_input_names_the_model_input_and_its_minimum(name):
+    """The minimum is torchvision's published ``min_size`` (the registry's, tested against it)."""
+    minimum, width = jaxnets.get_spec(name).weights.min_size
+    assert minimum == width
     model = jaxnets.create_model(name)
     small = minimum - 1
     expected = (rf"{name}: input \(1, {small}, {small}, 3\) is too small: {name} needs at least "
@@ -46,8 +50,7 @@ def test_too_small_input_names_the_model_input_and_its_minimum(name, minimum):
     init_shapes(model, (1, minimum, minimum, 3))  # the minimum itself works
 
 
-@pytest.mark.parametrize("name, field", [("alexnet", "dropout"), ("vgg11", "dropout"), ("googlenet", "dropout"),
-                                         ("googlenet", "dropout_aux")])
+@pytest.mark.parametrize("name, field", [(name, field) for name in FAMILIES for field in dropout_options(name)])
 @pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
 def test_dropout_outside_zero_one_is_refused(name, field, p):
     model = jaxnets.create_model(name, **{field: p})

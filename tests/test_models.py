@@ -14,15 +14,26 @@ import numpy as np
 import optax
 import pytest
 import torch
+import torchvision
+from flax import linen as nn
 from flax import traverse_util
-from torch_oracle import jax_options, max_rel_error, nchw, oracle_model, state_dict_numpy
+from torch_oracle import (
+    dropout_options,
+    jax_options,
+    max_rel_error,
+    nchw,
+    one_per_family,
+    oracle_model,
+    state_dict_numpy,
+    torch_options,
+)
 
 import jaxnets
 
 TOL = 1e-4
 MODELS = [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in jaxnets.list_models()]
 # Family-level behaviour is checked on the first registered model of each family.
-FAMILY_FIRST = [p for p in MODELS if p.values[0] == jaxnets.list_models(jaxnets.get_spec(p.values[0]).family + "*")[0]]
+FAMILY_FIRST = [p for p in MODELS if p.values[0] in one_per_family()]
 
 
 @functools.lru_cache(maxsize=1)  # tests are grouped per model; keep one model in memory at a time
@@ -103,7 +114,7 @@ def test_train_mode_logits_and_running_stats_equal_torchvision(name):
     ours = traverse_util.flatten_dict(updates.get("batch_stats", {}))
     theirs = traverse_util.flatten_dict(jaxnets.from_torch_state_dict(name, torch_state).get("batch_stats", {}))
     assert ours.keys() == theirs.keys()
-    assert bool(ours) == name.endswith("_bn") or jaxnets.get_spec(name).family in ("googlenet", "resnet")
+    assert bool(ours) == (name.endswith("_bn") or jaxnets.get_spec(name).family in ("googlenet", "resnet"))
     for path, value in ours.items():
         assert max_rel_error(value, theirs[path]) <= TOL, path
 
@@ -186,3 +197,104 @@ def test_train_mode_gradients_equal_torchvision_in_float64(name):
     assert grads.keys() == expected.keys()
     for key, value in expected.items():
         assert max_rel_error(grads[key], value) <= 1e-9, key
+
+
+# --- dropout: where it sits, which option drives it, how it scales ---------------------------------
+# Every other train-mode test runs with dropout 0. Models: the first of each family that has dropout.
+
+
+def dropout_cases():
+    """Per model: each dropout option at 1 and the others at 0 (torch's Dropout(p=1) zeroes its input,
+    deterministically, as ours does at rate 1), then every option strictly between 0 and 1 (0.5, 0.25)."""
+    for p in FAMILY_FIRST:
+        name, options = p.values[0], dropout_options(p.values[0])
+        if not options:
+            continue
+        cases = [{o: float(o == one) for o in options} for one in options]
+        cases.append(dict(zip(options, (0.5, 0.25), strict=False)))  # at most two options today
+        for rates in cases:
+            case_id = name + "-" + ",".join(f"{k}={v}" for k, v in rates.items())
+            yield pytest.param(name, rates, marks=p.marks, id=case_id)
+
+
+@functools.lru_cache(maxsize=1)
+def dropout_case(name: str):
+    """The oracle's weights. Its biases are not zero (VGG's would be): at p = 1 a zero bias would make a
+    misplaced dropout give the same (zero) logits."""
+    state = state_dict_numpy(oracle_model(name))
+    return state, jaxnets.from_torch_state_dict(name, state)
+
+
+def torchvision_with(name: str, state: dict[str, np.ndarray], **options) -> torch.nn.Module:
+    """torchvision's model built with ``options`` (no initialization: the weights are ``state``)."""
+    with torch.device("meta"):
+        model = torchvision.models.get_model(name, weights=None, **torch_options(name, **options))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def torch_train_forward_replaying(name, torch_model, dropouts, x, dtype) -> list[np.ndarray]:
+    """Train-mode forward of a copy of ``torch_model`` whose random Dropouts (0 < p < 1), in call order, apply
+    our ``dropouts`` masks the way torch applies its own: input * mask / (1 - p), p being the module's. Each
+    also checks that it gets the input ours got (a mask over a flattened feature map is permuted from our
+    NHWC flatten to torch's NCHW one)."""
+    model = copy.deepcopy(torch_model).to(dtype).train()
+    pending = iter(dropouts)
+
+    def replay(module, inputs, output):
+        ours, mask = next(pending)
+        theirs = inputs[0].double().numpy()
+        assert ours.ndim == 2 and ours.shape == theirs.shape, (module, ours.shape, theirs.shape)
+        size = ours.shape[1]
+        orders = [np.arange(size)] + [np.arange(size).reshape(h, w, c).transpose(2, 0, 1).ravel()
+                                      for c, h, w in jaxnets.get_spec(name).flattened_linears.values()
+                                      if c * h * w == size]
+        order = min(orders, key=lambda order: max_rel_error(ours[:, order], theirs))
+        assert max_rel_error(ours[:, order], theirs) <= 1e-3, "a dropout gets another input than torchvision's"
+        return inputs[0] * torch.from_numpy(mask[:, order]).to(dtype) / (1 - module.p)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and 0 < module.p < 1:
+            module.register_forward_hook(replay)
+    with torch.no_grad():
+        out = model(nchw(x).to(dtype))
+    assert next(pending, None) is None, "torchvision ran fewer dropouts than jaxnets"
+    out = tuple(out) if isinstance(out, tuple) else (out,)
+    return [o.double().numpy() for o in out]
+
+
+@pytest.mark.parametrize("name,rates", list(dropout_cases()))
+def test_train_mode_dropout_equals_torchvision(name, rates):
+    """Train-mode logits (GoogLeNet: and aux logits) with dropout on, against torchvision built with the same
+    options. At rates 0/1 this is torchvision as is: they agree only if each dropout sits where torchvision's
+    does (AlexNet: before each hidden Linear; VGG: after each hidden ReLU) and is driven by the same option.
+    At rates in (0, 1) our random masks are replayed in torchvision's Dropouts, in call order: same places,
+    same rate per place, same 1 / (1 - p) scaling of what is kept. Smallest input torchvision accepts, batch 2
+    (train-mode BatchNorm). Bound: that of the dropout-free train-mode test."""
+    state, variables = dropout_case(name)
+    x = images(2, *jaxnets.get_spec(name).weights.min_size, seed=5)
+    model = jaxnets.create_model(name, **jax_options(name, **rates))
+    torch_model = torchvision_with(name, state, **rates)
+    dropouts = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.Dropout) and 0 < context.module.rate < 1:
+            # A zero input gives 0 whatever the mask: either value will do there.
+            dropouts.append((np.asarray(args[0], np.float64), np.asarray(out) != 0))
+        return out
+
+    with nn.intercept_methods(record):  # eager: the masks are concrete
+        out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+    if dropouts:
+        assert len(dropouts) >= len(rates) and all(0 < mask.mean() < 1 for _, mask in dropouts)
+        torch32 = torch_train_forward_replaying(name, torch_model, dropouts, x, torch.float32)
+        torch64 = torch_train_forward_replaying(name, torch_model, dropouts, x, torch.float64)
+    else:
+        torch32, _ = torch_train_forward(torch_model, state, x)
+        torch64, _ = torch_train_forward(torch_model, state, x, torch.float64)
+        assert any(np.array_equal(o[0], o[1]) for o in torch64)  # p = 1 made an output independent of the input
+    out = tuple(out) if isinstance(out, tuple) else (out,)
+    assert len(out) == len(torch64)
+    for ours, exact, single in zip(out, torch64, torch32, strict=True):
+        assert max_rel_error(ours, exact) <= max(TOL, 2 * max_rel_error(single, exact))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +12,25 @@ import pytest
 import torch
 import torchvision
 from flax import traverse_util
-from torch_oracle import jax_options, max_rel_error, nchw, oracle_model, state_dict_numpy, torch_options
+from scipy import stats
+from torch_oracle import (
+    jax_options,
+    max_rel_error,
+    nchw,
+    one_per_family,
+    oracle_model,
+    state_dict_numpy,
+    torch_options,
+)
 
 import jaxnets
 from jaxnets.mapping import torch_key
+from jaxnets.registry import bound_options
 
-FAMILY_MODELS = ["alexnet", "vgg11_bn", "googlenet", "resnet18", "resnext50_32x4d"]
+# One model per family (its BatchNorm variant where it has one), and the first with grouped convolutions
+# (ResNeXt: a fan-in per group, in the mapping and in the initializers).
+FAMILY_MODELS = one_per_family(prefer_batch_norm=True) + [
+    name for name in jaxnets.list_models() if bound_options(name).get("groups", 1) > 1][:1]
 
 
 def test_registry_lists_torchvision_names_with_their_published_metadata():
@@ -26,6 +42,7 @@ def test_registry_lists_torchvision_names_with_their_published_metadata():
         assert weights.url == published.url
         assert (weights.acc1, weights.acc5) == tuple(published.meta["_metrics"]["ImageNet-1K"].values())
         assert weights.num_params == published.meta["num_params"]
+        assert weights.gflops == published.meta["_ops"]
         assert weights.min_size == published.meta["min_size"]
         assert weights.categories == tuple(published.meta["categories"])
         transform = published.transforms()
@@ -88,20 +105,50 @@ def test_fidelity_from_the_minimum_input_size_up(name):
 INIT_CASES = [(name, {}) for name in FAMILY_MODELS] + [("resnet50", {"zero_init_residual": True})]
 
 
+KS_SAMPLE = 1 << 16  # values of each tensor the Kolmogorov-Smirnov test compares (i.i.d.: a prefix is a sample)
+KS_ALPHA = 1e-6  # per tensor, fixed seeds. Uniform vs normal of the same std: p ~ 1e-27 at 16384 values, 1e-99 at 65536
+
+
 @pytest.mark.parametrize("name,options", INIT_CASES)
 def test_initialization_follows_torchvision(name, options):
-    """Same distributions per tensor: constants exactly, random tensors by standard deviation."""
+    """Same distribution per tensor: constants exactly; random tensors, whatever their size, by a two-sample
+    Kolmogorov-Smirnov test against torchvision's tensor (same distribution not rejected at 1e-6, which tells
+    a uniform from a normal of the same std on any tensor of 16k values or more), plus std and mean."""
     torch.manual_seed(0)
     torch_state = state_dict_numpy(torchvision.models.get_model(name, weights=None, **torch_options(name, **options)))
     model = jaxnets.create_model(name, **jax_options(name, **options))
     variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))()
+    random_tensors = 0
     for path, value in traverse_util.flatten_dict(variables).items():
         ours = np.asarray(value)
         theirs = torch_state[torch_key("/".join(path[1:-1]), path[-1])]
+        assert ours.size == theirs.size, path
         if np.all(theirs == theirs.flat[0]):
             np.testing.assert_array_equal(ours, np.full_like(ours, theirs.flat[0]), err_msg=str(path))
-        elif theirs.size >= 64:
+            continue
+        random_tensors += 1
+        ks = stats.ks_2samp(ours.ravel()[:KS_SAMPLE], theirs.ravel()[:KS_SAMPLE])
+        assert ks.pvalue > KS_ALPHA, (path, ks.statistic, ks.pvalue)
+        if theirs.size >= 64:  # below, a sample std is too noisy to bound usefully; the KS test still runs
             ratio = ours.std() / theirs.std()
             bound = 0.1 if theirs.size >= 4096 else 0.35
             assert abs(ratio - 1) < bound, (path, ratio)
             assert abs(ours.mean()) < 4 * theirs.std() / np.sqrt(theirs.size) + 1e-6, path
+    assert random_tensors > 0
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_model_table_is_the_registry():
+    """README's model table says it is tested against torchvision's weight metadata: it must list every
+    registered model, in order, with the registry's figures at the table's precision (and the registry is
+    torchvision's metadata: ``test_registry_lists_torchvision_names_with_their_published_metadata``)."""
+    rows = re.findall(r"^\| `([^`]+)` \| (\w+) \| ([\d.]+) M \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+                      README.read_text(encoding="utf-8"), re.MULTILINE)
+    assert [row[0] for row in rows] == jaxnets.list_models()
+    for name, family, params, gflops, acc1, acc5 in rows:
+        spec = jaxnets.get_spec(name)
+        w = spec.weights
+        expected = (spec.family, f"{w.num_params / 1e6:.2f}", f"{w.gflops:.2f}", f"{w.acc1:.3f}", f"{w.acc5:.3f}")
+        assert (family, params, gflops, acc1, acc5) == expected, name

@@ -262,7 +262,7 @@ def test_stop_at_an_epoch_end_is_evaluated_on_resume(tiny, monkeypatch):
 def test_a_resumed_run_logs_each_evaluation_once_and_keeps_the_best(tiny):
     """Runs that stop at an epoch's end, then at a --checkpoint-every step: the metrics of each saved evaluation
     stay on disk, so a resumed run does not evaluate (and log) that epoch again, and the best is kept."""
-    config = tiny("once", batch_size=64, epochs=3, keep_checkpoints=1, log_every=100)
+    config = tiny("once", keep_checkpoints=1, log_every=100)
     steps_per_epoch = load_dataset(resolve(config).data_config()).steps_per_epoch
     training.train_and_evaluate(dataclasses.replace(config, steps=steps_per_epoch))
     training.train_and_evaluate(dataclasses.replace(config, steps=steps_per_epoch + 1, checkpoint_every=1))

@@ -25,7 +25,7 @@ import torch
 import torchvision
 from flax import traverse_util
 from PIL import Image
-from torch_oracle import max_rel_error, nchw, oracle_model
+from torch_oracle import max_rel_error, nchw, one_per_family, oracle_model
 
 import jaxnets
 from jaxnets import predict
@@ -44,7 +44,7 @@ from jaxnets.weights import (
 
 TOL = 1e-4
 NO_INIT = {"googlenet": {"init_weights": False}}  # silences torchvision's warning; the weights are loaded anyway
-FAMILIES = ["resnet18", "googlenet", "alexnet", "vgg11_bn"]
+FAMILIES = one_per_family(prefer_batch_norm=True)  # BatchNorm variants: their statistics travel too
 
 
 def torch_model(name: str, seed: int = 0) -> torch.nn.Module:

@@ -1,28 +1,48 @@
 """torchvision models as the test oracle: random weights and realistic, randomized BatchNorm state.
 
-A freshly initialized torchvision model has running_mean 0 / running_var 1 everywhere, which a
-mapping that drops or swaps BatchNorm buffers would still pass. ``oracle_model`` calibrates the
+A freshly initialized torchvision model has running_mean 0 / running_var 1 everywhere (and VGG zero biases),
+which a mapping that drops or swaps BatchNorm buffers (or biases) would still pass. ``oracle_model`` calibrates the
 running statistics on a random batch (so deep nets keep O(1) activations) and then perturbs
 every BatchNorm parameter and buffer, so each one matters to the logits.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torchvision
 
 import jaxnets
+from jaxnets.registry import bound_options, model_class
 
-# Options that make a torchvision model deterministic in train mode (dropout off), per family.
-NO_DROPOUT = {"alexnet": {"dropout": 0.0}, "vgg": {"dropout": 0.0},
-              "googlenet": {"dropout": 0.0, "dropout_aux": 0.0}, "resnet": {}}
+
+def one_per_family(prefer_batch_norm: bool = False) -> list[str]:
+    """One registered model per family, in registration order: the family's first model or, with
+    ``prefer_batch_norm``, its first BatchNorm variant (torchvision's ``_bn`` suffix) where it has one, so
+    that the BatchNorm mapping is covered wherever the family offers it. A new family joins automatically."""
+    chosen: dict[str, str] = {}
+    for name in jaxnets.list_models():
+        family = jaxnets.get_spec(name).family
+        if family not in chosen or (prefer_batch_norm and name.endswith("_bn")
+                                    and not chosen[family].endswith("_bn")):
+            chosen[family] = name
+    return list(chosen.values())
+
+
+def dropout_options(name: str) -> tuple[str, ...]:
+    """The model's dropout probabilities (``dropout``, GoogLeNet's ``dropout_aux``): constructor options
+    named as torchvision names them, read off the Flax module's fields."""
+    return tuple(f.name for f in dataclasses.fields(model_class(name))
+                 if f.name.startswith("dropout") and f.name not in bound_options(name))
 
 
 def torch_options(name: str, **options) -> dict:
+    """torchvision constructor options: dropout off (train mode is deterministic) unless given."""
     family = jaxnets.get_spec(name).family
     defaults = {"init_weights": True, "aux_logits": True} if family == "googlenet" else {}
-    return {**defaults, **NO_DROPOUT[family], **options}
+    return {**defaults, **dict.fromkeys(dropout_options(name), 0.0), **options}
 
 
 def jax_options(name: str, **options) -> dict:
@@ -35,6 +55,10 @@ def jax_options(name: str, **options) -> dict:
 def oracle_model(name: str, seed: int = 0, **options) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = torchvision.models.get_model(name, weights=None, **torch_options(name, **options))
+    with torch.no_grad():  # VGG initializes its biases to 0: a mapping that dropped them would pass
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None and not m.bias.any():
+                m.bias.normal_(0.0, 0.05)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     if norms:
         size = max(64, *jaxnets.get_spec(name).weights.min_size)
