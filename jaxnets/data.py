@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import struct
+import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -295,8 +296,9 @@ def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor, scale: tup
     distribution (area uniform, ratio log-uniform). Bilinear, antialiased resize."""
     shape = tf.shape(image)
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, area_range=scale,
-        aspect_ratio_range=ratio, max_attempts=10, use_image_if_no_bounding_boxes=True)
+        shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, area_range=scale, aspect_ratio_range=ratio,
+        min_object_covered=0.0,  # else (default 0.1, the whole image being the box) no crop is under 10 %
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
     # TensorFlow falls back to the whole image, whatever its aspect ratio (a 3:2 photo is squeezed by 1.5);
     # torchvision to a center crop of that ratio clamped into ``ratio``. Only an out-of-range whole image
     # differs: a sampled crop has its ratio in range.
@@ -328,7 +330,20 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def _decode_file(path: tf.Tensor) -> tf.Tensor:
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return decode_rgb(tf.io.read_file(path))
+
+
+def decode_rgb(data: tf.Tensor) -> tf.Tensor:
+    """An image file's bytes as uint8 RGB (H, W, 3), as training reads every folder image."""
+    # TensorFlow's WebP decoder returns the channels the file has (a WebP with transparency refuses to give
+    # 3): decode a still WebP as it is and drop the alpha, as PIL's convert("RGB") does. Everything else,
+    # animated WebP included (which decode_webp would need as RGBA), goes to decode_image, asked for RGB.
+    head = tf.strings.substr(data, 0, 21) + b"\0" * 21  # RIFF header, padded: short files read as zeros
+    flags = tf.io.decode_raw(tf.strings.substr(head, 20, 1), tf.uint8)[0]  # extended header (VP8X) flags
+    animated = (tf.strings.substr(head, 12, 4) == b"VP8X") & (tf.bitwise.bitwise_and(flags, 2) > 0)
+    still_webp = (tf.strings.substr(head, 8, 4) == b"WEBP") & ~animated
+    image = tf.cond(still_webp, lambda: tf.io.decode_webp(data)[0, :, :, :3],
+                    lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
     image.set_shape([None, None, 3])
     return image
 
@@ -678,14 +693,14 @@ def _tfds(config: DataConfig, process_count: int):
 
 
 _TFDS_HOST = "storage.googleapis.com"  # TFDS's prepared copies, and the source of many of its datasets
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def _offline_reason() -> str | None:
     """Why no download can start, found in a moment rather than after tfds's retries (ten per file with
-    growing waits: 3.5 minutes offline). Only the plain case is decided here: no proxy is set and the TFDS
-    host's name does not resolve; anything else is left to tfds to try."""
-    if any(os.environ.get(variable) for variable in _PROXY_VARIABLES):
+    growing waits: 3.5 minutes offline). Only the plain case is decided here: no proxy is set (environment
+    or system settings, as ``requests`` finds them) and the TFDS host's name does not resolve; anything
+    else is left to tfds to try."""
+    if urllib.request.getproxies():
         return None
     try:
         socket.getaddrinfo(_TFDS_HOST, 443)

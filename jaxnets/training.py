@@ -92,6 +92,10 @@ def create_train_state(model: nn.Module, variables: PyTree, tx: optax.GradientTr
     return TrainState(apply_fn=model.apply, tx=tx, frozen_norm=tuple(frozen_norm), trainable=trainable, **arrays)
 
 
+# The optimizer state's structure, recorded in each checkpoint. 2: --grad-clip outside the parameter groups.
+OPTIMIZER_LAYOUT = 2
+
+
 def init_variables(model: nn.Module, image_size: int, seed: int, mesh: Any) -> PyTree:
     """Fresh variables (torchvision's initializers), replicated on ``mesh``."""
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -350,10 +354,15 @@ def build_model(config: TrainConfig, num_classes: int, mesh: Any) -> tuple[nn.Mo
 def freeze_masks(config: TrainConfig, params: PyTree) -> tuple[PyTree | None, PyTree | None, tuple[str, ...]]:
     """``--freeze`` / ``--backbone-lr-mult`` / ``--layer-decay`` -> (trainable mask, head mask, frozen
     BatchNorm paths); (None, None, ()) when everything trains at one learning rate."""
-    if config.freeze == "none" and config.backbone_lr_mult == 1.0 and config.layer_decay == 1.0:
+    if not _has_parameter_groups(config):
         return None, None, ()
     mask = transfer.trainable_mask(config.model, params, config.freeze)
     return mask, transfer.head_mask(config.model, params), transfer.frozen_modules(config.model, mask)
+
+
+def _has_parameter_groups(config: TrainConfig) -> bool:
+    """Whether the optimizer partitions the parameters: frozen ones, or learning-rate multipliers."""
+    return config.freeze != "none" or config.backbone_lr_mult != 1.0 or config.layer_decay != 1.0
 
 
 def describe_run(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainState) -> str:
@@ -385,7 +394,12 @@ def _check_resumable(checkpointer: Checkpointer, config: TrainConfig, steps_per_
     problem = resume_mismatch(meta.get("config", {}), config)
     saved_steps = meta.get("steps_per_epoch", steps_per_epoch)
     if not problem and saved_steps != steps_per_epoch:
-        problem = f"{saved_steps} steps per epoch (this run: {steps_per_epoch}; the dataset changed)"
+        problem = (f"{saved_steps} steps per epoch (this run: {steps_per_epoch}; the dataset, or the number "
+                   f"of processes sharing it, changed)")
+    if (not problem and config.grad_clip and _has_parameter_groups(config)
+            and meta.get("optimizer_layout", 1) != OPTIMIZER_LAYOUT):
+        problem = ("its optimizer state has an older jaxnets' layout (whose --grad-clip clipped each "
+                   "learning-rate group on its own)")
     if problem:
         raise ValueError(f"--workdir {config.workdir} holds a checkpoint (step {step}) of a different run: {problem}; "
                          f"use another --workdir")
@@ -424,7 +438,8 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
     total_steps = steps_per_epoch * config.epochs
     stop_step = min(total_steps, config.steps or total_steps)
     step = int(parallel.to_host(state.step))
-    meta = {"config": json.loads(config.to_json()), "steps_per_epoch": steps_per_epoch}
+    meta = {"config": json.loads(config.to_json()), "steps_per_epoch": steps_per_epoch,
+            "optimizer_layout": OPTIMIZER_LAYOUT}
     val_metrics, confusion, stop = None, None, _StopSignal()
 
     def save(metrics: dict | None = None) -> None:

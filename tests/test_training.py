@@ -4,6 +4,7 @@ whole-set evaluation, and exact resume after a stop or a signal."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import signal
 from pathlib import Path
@@ -259,6 +260,36 @@ def test_stop_at_an_epoch_end_is_evaluated_on_resume(tiny, monkeypatch):
     assert val_steps() == [26, 27]
 
 
+class _SavedRun:
+    """A checkpointer holding one step with ``meta``: what ``_check_resumable`` reads."""
+
+    def __init__(self, meta: dict):
+        self.meta = meta
+
+    def latest_step(self) -> int:
+        return 5
+
+    def read_meta(self, step: int) -> dict:
+        return self.meta
+
+
+@pytest.mark.parametrize("grad_clip, backbone_lr_mult, refused", [(1.0, 0.5, True), (None, 0.5, False),
+                                                                 (1.0, 1.0, False)])
+def test_a_checkpoint_of_the_old_grad_clip_layout_is_refused_by_name(grad_clip, backbone_lr_mult, refused):
+    """Before the optimizer state recorded its layout, --grad-clip with parameter groups nested the clip inside
+    them: that state cannot restore into today's, which would read as a damaged checkpoint."""
+    config = resolve(TrainConfig(model="resnet18", workdir="w", grad_clip=grad_clip,
+                                 backbone_lr_mult=backbone_lr_mult))
+    old = {"config": json.loads(config.to_json()), "steps_per_epoch": 26}
+    assert training._check_resumable(_SavedRun({**old, "optimizer_layout": training.OPTIMIZER_LAYOUT}), config, 26) == 5
+    if refused:
+        with pytest.raises(ValueError, match=r"of a different run: its optimizer state has an older jaxnets' "
+                                             r"layout \(whose --grad-clip clipped each learning-rate group"):
+            training._check_resumable(_SavedRun(old), config, 26)
+    else:  # the same layout then as now
+        assert training._check_resumable(_SavedRun(old), config, 26) == 5
+
+
 def test_a_resumed_run_logs_each_evaluation_once_and_keeps_the_best(tiny):
     """Runs that stop at an epoch's end, then at a --checkpoint-every step: the metrics of each saved evaluation
     stay on disk, so a resumed run does not evaluate (and log) that epoch again, and the best is kept."""
@@ -285,7 +316,8 @@ def test_workdir_of_another_run_is_refused_and_left_as_it_was(tiny):
         training.train_and_evaluate(dataclasses.replace(config, freeze="backbone"))
     with pytest.raises(ValueError, match=r"of a different run: val_fraction=0.2 \(this run: 0.3\)"):
         training.train_and_evaluate(dataclasses.replace(config, val_fraction=0.3))  # would validate on trained images
-    with pytest.raises(ValueError, match=r"of a different run: 26 steps per epoch \(this run: 27; the dataset "):
+    with pytest.raises(ValueError, match=r"of a different run: 26 steps per epoch \(this run: 27; the dataset, "
+                                         r"or the number of processes sharing it, changed\)"):
         training._check_resumable(training.Checkpointer(f"{config.workdir}/checkpoints"), training.setup(config)[0], 27)
     assert training.Checkpointer(f"{config.workdir}/checkpoints").latest_step() == 1  # untouched
     assert (Path(config.workdir) / CONFIG_FILE).read_text() == saved_config
