@@ -51,7 +51,7 @@ tf = _LazyTensorFlow()
 Batch = dict[str, np.ndarray]
 
 DIGITS = "digits"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what tf.io.decode_image reads
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what decode_rgb reads
 VAL_DIRS = ("val", "validation")
 SPLIT_SEED = 0  # held-out splits are fixed, whatever --seed is, so runs with different seeds compare
 SHUFFLE_BUFFER = 16_384

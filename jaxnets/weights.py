@@ -490,8 +490,7 @@ def instantiate(weights_file: WeightsFile, num_classes: int | None = None, dtype
 def model_options(name: str, model: nn.Module) -> dict[str, Any]:
     """The ``create_model`` options ``model`` was built with: what ``save_weights(model_options=...)``
     should record so that loading the file rebuilds the same model (GoogLeNet's ``transform_input``!)."""
-    fixed = {*bound_options(name), *RESERVED_OPTIONS, "parent", "name"}
-    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init and f.name not in fixed}
+    return {key: getattr(model, key) for key in _free_options(name)}
 
 
 def reinitialize_head(name: str, variables: Mapping[str, Any], num_classes: int, rng: int | jax.Array = 0,
