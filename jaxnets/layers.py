@@ -20,6 +20,8 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from jaxnets.errors import UserError
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -73,7 +75,7 @@ class Conv2d(nn.Module):
         kh, kw = _pair(self.kernel_size)
         in_features = x.shape[-1]
         if in_features % self.groups:
-            raise ValueError(f"{self.name}: {in_features} input channels not divisible by groups={self.groups}")
+            raise UserError(f"{self.name}: {in_features} input channels not divisible by groups={self.groups}")
         kernel = self.param("kernel", self.kernel_init, (kh, kw, in_features // self.groups, self.features))
         pad = _pair(self.padding)
         if (kh, kw) == (1, 1) and self.groups == 1 and pad == (0, 0):
@@ -169,7 +171,7 @@ class TorchBatchNorm(nn.Module):
             return _normalize(x, scale, bias, ra_mean.value, ra_var.value, self.epsilon, self.dtype)
         n = math.prod(x.shape[:-1])
         if n == 1:  # torch's check: the batch variance of one value is 0, the output would be just the bias
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape} "
+            raise UserError(f"Expected more than 1 value per channel when training, got input size {x.shape} "
                              f"at {'/'.join(self.scope.path)}")
         y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, self.dtype)
         if not self.is_initializing():
@@ -348,7 +350,7 @@ def frozen_paths(frozen: Sequence[str]) -> tuple[str, ...]:
     """``frozen_norm`` as '/'-joined module paths; torch's dots (``'layer1.0'``) work too, as in
     ``transfer.trainable_mask``. A plain string is refused: iterated, it would be single characters."""
     if isinstance(frozen, str) or not all(isinstance(path, str) for path in frozen):
-        raise ValueError(f"frozen_norm must be a tuple of module paths such as ('bn1', 'layer1'), got {frozen!r}")
+        raise UserError(f"frozen_norm must be a tuple of module paths such as ('bn1', 'layer1'), got {frozen!r}")
     return tuple(path.strip().replace(".", "/").strip("/") for path in frozen)
 
 
@@ -432,7 +434,7 @@ class Classifier(nn.Module):
 # Shared by every family's ``__call__``; all run at trace time on static shapes and Python values.
 
 
-class FeatureMapTooSmall(ValueError):
+class FeatureMapTooSmall(UserError):
     """A max pool got a feature map smaller than its window: the model input is too small."""
 
     def __init__(self, detail: str) -> None:
@@ -444,7 +446,7 @@ def check_probability(module: nn.Module, field: str) -> None:
     """A dropout rate in [0, 1], as ``torch.nn.Dropout`` requires (NaN refused too)."""
     p = getattr(module, field)
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{_model_name(module)}: {field} must be in [0, 1], got {p}")
+        raise UserError(f"{_model_name(module)}: {field} must be in [0, 1], got {p}")
 
 
 def image_model_call(call: Callable[..., Any]) -> Callable[..., Any]:
@@ -458,7 +460,7 @@ def image_model_call(call: Callable[..., Any]) -> Callable[..., Any]:
         try:
             out = call(self, x, *args, frozen_norm=frozen, **kwargs)
         except FeatureMapTooSmall as error:
-            raise ValueError(f"{_model_name(self)}: input {tuple(x.shape)} is too small{_min_size_hint(self)} "
+            raise UserError(f"{_model_name(self)}: input {tuple(x.shape)} is too small{_min_size_hint(self)} "
                              f"({error.detail})") from None
         _check_frozen_norm(self, frozen)
         return out
@@ -470,7 +472,7 @@ def _check_nhwc_rgb(module: nn.Module, x: Array) -> None:
     if len(shape) == 4 and shape[-1] == 3:
         return
     hint = " — NCHW? transpose with x.transpose(0, 2, 3, 1)" if len(shape) == 4 and shape[1] == 3 else ""
-    raise ValueError(f"{_model_name(module)} expects NHWC RGB images (N, H, W, 3), got {shape}{hint}")
+    raise UserError(f"{_model_name(module)} expects NHWC RGB images (N, H, W, 3), got {shape}{hint}")
 
 
 def _check_frozen_norm(module: nn.Module, frozen: Sequence[str]) -> None:
@@ -483,7 +485,7 @@ def _check_frozen_norm(module: nn.Module, frozen: Sequence[str]) -> None:
     for path in frozen:
         if not any(is_frozen(norm.split("/"), (path,)) for norm in norms):
             top = sorted({norm.split("/")[0] for norm in norms})
-            raise ValueError(f"{_model_name(module)}: frozen_norm path {path!r} matches no BatchNorm; "
+            raise UserError(f"{_model_name(module)}: frozen_norm path {path!r} matches no BatchNorm; "
                              f"BatchNorms are under: {', '.join(top) or 'none (the model has no BatchNorm)'}")
 
 
@@ -493,23 +495,24 @@ def _flat_paths(tree: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]
     return [path for key, value in tree.items() for path in _flat_paths(value, (*prefix, key))]
 
 
-def _registered_names(module: nn.Module) -> list[str]:
-    """Registry names whose builder makes this module (only on error paths: the registry imports the models)."""
-    from jaxnets import registry
+# Which registered model a module is, for error messages: ``(name, minimum input size)``, or None when it is
+# no registered variant. The registry installs the lookup (it imports the models, so they cannot import it).
+_describe_model: Callable[[nn.Module], tuple[str, tuple[int, int]] | None] = lambda module: None
 
-    return [name for name in registry.list_models() if registry.model_class(name) is type(module)
-            and all(getattr(module, k, None) == v for k, v in registry.bound_options(name).items())]
+
+def set_model_describer(describe: Callable[[nn.Module], tuple[str, tuple[int, int]] | None]) -> None:
+    global _describe_model
+    _describe_model = describe
 
 
 def _model_name(module: nn.Module) -> str:
-    names = _registered_names(module)
-    return names[0] if len(names) == 1 else type(module).__name__
+    described = _describe_model(module)
+    return described[0] if described else type(module).__name__
 
 
 def _min_size_hint(module: nn.Module) -> str:
-    from jaxnets import registry
-    sizes = {registry.get_spec(name).weights.min_size for name in _registered_names(module)}
-    if len(sizes) != 1:
+    described = _describe_model(module)
+    if not described:
         return ""
-    (h, w), = sizes
-    return f": {_model_name(module)} needs at least {h}x{w} px"
+    name, (h, w) = described
+    return f": {name} needs at least {h}x{w} px"

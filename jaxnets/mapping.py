@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxnets.registry import ModelSpec, create_model, get_spec
+from jaxnets.errors import UserError
+from jaxnets.registry import ModelRef, ModelSpec, get_spec
 
 # Flax leaf name -> torch parameter/buffer name.
 TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -30,33 +31,35 @@ OPTIONAL_MODULES = {"aux_logits": ("aux1", "aux2")}
 MAX_LISTED = 8
 
 
-class WeightMappingError(ValueError):
+class WeightMappingError(UserError):
     """A state dict does not fit the model: missing, unexpected or mis-shaped keys."""
 
 
-def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], **options: Any) -> dict[str, Any]:
+def from_torch_state_dict(model: ModelRef, state_dict: Mapping[str, Any], **options: Any) -> dict[str, Any]:
     """Map a torchvision state dict to ``{'params': ..., 'batch_stats': ...}`` of numpy float32 arrays.
 
     Values may be numpy arrays or torch tensors (``named_parameters()`` ones too; bfloat16 is upcast).
     ``num_classes`` is read off the classifier; GoogLeNet's ``aux_logits`` off the presence of
     its auxiliary heads. Other ``options`` go to ``create_model`` (they must not change shapes).
     """
-    spec = get_spec(name)
+    spec = get_spec(model)
+    name = spec.name
     state = {key: as_numpy(value) for key, value in state_dict.items() if not key.endswith(IGNORED_SUFFIX)}
     classifier_key = torch_key(spec.classifier, "kernel")
     if classifier_key not in state:
         raise WeightMappingError(f"{name}: state dict has no classifier {classifier_key!r} "
                                  f"(keys start {_preview(state)}); is it a {name} state dict?")
-    inferred = _inferred_options(name, state[classifier_key].shape[0],
+    inferred = _inferred_options(spec, state[classifier_key].shape[0],
                                  lambda module: any(k.startswith(f"{module}.") for k in state))
-    expected = torch_layout(name, **{**inferred, **options})
+    expected = torch_layout(spec, **{**inferred, **options})
     _check_layout(name, "state dict", {k: v.shape for k, v in state.items()},
                   {k: shape for k, (_, shape) in expected.items()})
     flat = {path: _to_flax(spec, path, state[key]) for key, (path, _) in expected.items()}
     return traverse_util.unflatten_dict(flat)
 
 
-def to_torch_state_dict(name: str, variables: Mapping[str, Any], *, params_only: bool = False) -> dict[str, np.ndarray]:
+def to_torch_state_dict(model: ModelRef, variables: Mapping[str, Any], *,
+                        params_only: bool = False) -> dict[str, np.ndarray]:
     """Map jaxnets variables back to torchvision's state dict keys and layouts, as numpy arrays (no torch
     import): ``load_state_dict({k: torch.tensor(v) ...}, strict=True)`` accepts it. ``num_batches_tracked``
     is written as 0: nothing in jaxnets counts batches.
@@ -64,15 +67,16 @@ def to_torch_state_dict(name: str, variables: Mapping[str, Any], *, params_only:
     The variables must be exactly those of ``name`` (any number of classes; GoogLeNet with or without its
     aux heads), else ``WeightMappingError``. ``params_only`` maps a ``{'params': ...}`` tree alone
     (gradients, say): the result then has no BatchNorm buffers."""
-    spec = get_spec(name)
+    spec = get_spec(model)
+    name = spec.name
     flat = traverse_util.flatten_dict(dict(variables))
     classifier = ("params", *spec.classifier.split("/"), "kernel")
     if classifier not in flat:
         raise WeightMappingError(f"{name}: variables have no classifier {'/'.join(classifier)!r} (keys start "
                                  f"{_preview({'/'.join(k): v for k, v in flat.items()})}); are they {name}'s?")
-    inferred = _inferred_options(name, np.shape(flat[classifier])[-1],
+    inferred = _inferred_options(spec, np.shape(flat[classifier])[-1],
                                  lambda module: any("/".join(k).startswith(f"params/{module}/") for k in flat))
-    expected = {path: shape for path, shape in variable_shapes(name, **inferred).items()
+    expected = {path: shape for path, shape in variable_shapes(spec, **inferred).items()
                 if not params_only or path[0] == "params"}
     hint = "" if params_only or "batch_stats" in variables else " (params alone, e.g. gradients? pass params_only=True)"
     _check_layout(name, "variables", {"/".join(k): np.shape(v) for k, v in flat.items()},
@@ -95,10 +99,10 @@ def as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _inferred_options(name: str, num_classes: int, has_module: Callable[[str], bool]) -> dict[str, Any]:
+def _inferred_options(spec: ModelSpec, num_classes: int, has_module: Callable[[str], bool]) -> dict[str, Any]:
     """The options weights decide: ``num_classes`` (the classifier's size) and, for GoogLeNet, ``aux_logits``
     (whether ``has_module`` finds its auxiliary heads)."""
-    head = get_spec(name).head
+    head = spec.head
     options: dict[str, Any] = {"num_classes": int(num_classes)}
     for option, modules in OPTIONAL_MODULES.items():
         if any(module in head for module in modules):
@@ -111,23 +115,24 @@ def torch_key(module_path: str, flax_leaf: str) -> str:
     return f"{module_path.replace('/', '.')}.{TORCH_LEAF[flax_leaf]}"
 
 
-def variable_shapes(name: str, **options: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Flax variable path -> shape for ``create_model(name, **options)``, without computing anything."""
-    return dict(_variable_shapes(name, tuple(sorted(options.items()))))
+def variable_shapes(model: ModelRef, **options: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flax variable path -> shape for ``create_model(model, **options)``, without computing anything."""
+    return dict(_variable_shapes(get_spec(model).name, tuple(sorted(options.items()))))
 
 
 @lru_cache(maxsize=64)
 def _variable_shapes(name: str, options: tuple[tuple[str, Any], ...]) -> tuple[tuple[tuple[str, ...], tuple], ...]:
-    model = create_model(name, **dict(options))
-    size = max(224, *get_spec(name).weights.min_size)
+    spec = get_spec(name)
+    model = spec.create(**dict(options))
+    size = spec.init_size
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
     return tuple((path, tuple(leaf.shape)) for path, leaf in traverse_util.flatten_dict(shapes).items())
 
 
-def torch_layout(name: str, **options: Any) -> dict[str, tuple[tuple[str, ...], tuple]]:
-    """torch key -> (Flax variable path, torch shape) for the model ``create_model(name, **options)``."""
+def torch_layout(model: ModelRef, **options: Any) -> dict[str, tuple[tuple[str, ...], tuple]]:
+    """torch key -> (Flax variable path, torch shape) for the model ``create_model(model, **options)``."""
     return {torch_key("/".join(path[1:-1]), path[-1]): (path, _torch_shape(shape))
-            for path, shape in variable_shapes(name, **options).items()}
+            for path, shape in variable_shapes(model, **options).items()}
 
 
 def _torch_shape(flax_shape: tuple) -> tuple:

@@ -8,34 +8,35 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import numbers
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache, partial
 from importlib import resources
-from typing import Any
+from typing import Any, Union
 
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxnets import layers
+from jaxnets.errors import UserError
+from jaxnets.eval_transform import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from jaxnets.models.alexnet import AlexNet
 from jaxnets.models.googlenet import GoogLeNet
 from jaxnets.models.resnet import BasicBlock, Bottleneck, ResNet
 from jaxnets.models.vgg import VGG
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EvalTransform", "ModelSpec", "OptionType", "PretrainedWeights",
+           "bound_options", "check_num_classes", "check_options", "create_model", "get_spec", "imagenet_categories",
+           "list_models", "model_class", "options", "recorded_options", "register_model"]
 
-
-@dataclass(frozen=True)
-class EvalTransform:
-    """torchvision's ``ImageClassification`` preset: resize the shorter side, center crop, normalize."""
-
-    resize_size: int = 256
-    crop_size: int = 224
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+# Constructor arguments that are no model option: the classifier decides one, the caller the other.
+RESERVED_OPTIONS = ("num_classes", "dtype")
+# Size of the dummy input that shapes are traced with: ImageNet's, or the model's minimum if larger.
+INIT_SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,88 @@ class PretrainedWeights:
         return imagenet_categories()
 
 
+# --- model options: the one schema of what create_model accepts and a weights file records ---------
+
+
 @dataclass(frozen=True)
+class OptionType:
+    """A type a model option may have. Options are recorded in weights files as JSON, so only types that
+    survive a JSON round trip exactly are options: a field of any other type is refused at registration."""
+
+    name: str  # as the annotation reads: 'bool', 'float | None', 'tuple[int, ...]'
+    words: str  # what a user must give, in words
+    check: Callable[[Any], bool]
+    coerce: Callable[[Any], Any]  # the JSON value -> the value the module is built with
+
+    def accepts(self, value: Any) -> bool:
+        return self.check(value)
+
+
+def _number(kind: type) -> Callable[[Any], bool]:
+    # bool is an int to Python, never a number here; float options take integers (JSON writes 1.0 as 1.0,
+    # a user may type 1).
+    allowed = (int, float) if kind is float else (kind,)
+    return lambda v: isinstance(v, allowed) and (kind is bool or not isinstance(v, bool))
+
+
+_SCALARS: dict[type, tuple[str, Callable[[Any], bool]]] = {
+    bool: ("true or false", _number(bool)),
+    int: ("an integer", _number(int)),
+    float: ("a number", _number(float)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def option_type(annotation: Any) -> OptionType | None:
+    """The ``OptionType`` of a field annotation, None when a weights file cannot record it. Recordable:
+    bool, int, float, str, ``X | None`` of those, and ``tuple[X, ...]`` of the numbers and strings."""
+    if annotation in _SCALARS:
+        words, check = _SCALARS[annotation]
+        return OptionType(annotation.__name__, words, check, annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = option_type(next(a for a in args if a is not type(None)))
+        if inner is None or inner.name.endswith("None"):
+            return None
+        return OptionType(f"{inner.name} | None", f"{inner.words} or null",
+                          lambda v: v is None or inner.check(v), lambda v: None if v is None else inner.coerce(v))
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in _SCALARS and args[0] is not bool:
+        inner = option_type(args[0])
+        return OptionType(f"tuple[{inner.name}, ...]", f"a list of {inner.name}s",
+                          lambda v: isinstance(v, list | tuple) and all(inner.check(x) for x in v),
+                          lambda v: tuple(inner.coerce(x) for x in v))
+    return None
+
+
+def _module_class(builder: Callable[..., nn.Module]) -> type[nn.Module]:
+    return builder.func if isinstance(builder, partial) else builder
+
+
+def _free_fields(builder: Callable[..., nn.Module]) -> dict[str, Any]:
+    """Constructor field -> annotation, for the fields the builder leaves free (not bound, not reserved)."""
+    module_cls = _module_class(builder)
+    hints = typing.get_type_hints(module_cls)
+    bound = builder.keywords if isinstance(builder, partial) else {}
+    return {f.name: hints.get(f.name) for f in dataclasses.fields(module_cls)
+            if f.init and f.name not in {"parent", "name", *bound, *RESERVED_OPTIONS}}
+
+
+def _option_schema(builder: Callable[..., nn.Module], name: str) -> dict[str, OptionType]:
+    schema = {}
+    for key, annotation in _free_fields(builder).items():
+        kind = option_type(annotation)
+        if kind is None:
+            raise TypeError(f"model {name!r}: option {key!r} has type {annotation!r}, which a weights file cannot "
+                            "record (bool, int, float, str, X | None, tuple[X, ...]); bind it in the builder or "
+                            "change its type")
+        schema[key] = kind
+    return schema
+
+
+@dataclass(frozen=True, eq=False)
 class ModelSpec:
+    """Everything jaxnets knows about one model name: resolve it once (``get_spec``) and pass it down."""
+
     name: str
     family: str
     builder: Callable[..., nn.Module]
@@ -79,14 +160,90 @@ class ModelSpec:
     # Linear layers that torch feeds with an NCHW flatten, with that (C, H, W): the converter
     # permutes their input rows, because jaxnets flattens NHWC.
     flattened_linears: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
+    # The options the variant leaves free, and their types: filled in at construction from the builder.
+    options: Mapping[str, OptionType] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", _option_schema(self.builder, self.name))
 
     @property
     def classifier(self) -> str:
         """The final classifier layer; its output size is the number of classes."""
         return self.head[0]
 
+    @property
+    def module_class(self) -> type[nn.Module]:
+        """The Flax module class the builder makes (its family's, whatever the variant binds)."""
+        return _module_class(self.builder)
+
+    @property
+    def bound_options(self) -> dict[str, Any]:
+        """The constructor arguments the variant binds (``functools.partial`` keywords): its architecture,
+        which no option may change (ResNet's ``stage_sizes``, VGG's ``depth``)."""
+        return dict(self.builder.keywords) if isinstance(self.builder, partial) else {}
+
+    @property
+    def init_size(self) -> int:
+        """Side of the dummy image that variables are initialized (or their shapes traced) with."""
+        return max(INIT_SIZE, *self.weights.min_size)
+
+    def create(self, num_classes: int = 1000, dtype: Any = jnp.float32, **options: Any) -> nn.Module:
+        """The Flax module, after checking ``options`` are ones the variant leaves free."""
+        num_classes = check_num_classes(num_classes)
+        bound = self.bound_options
+        fixed = sorted(set(options) & set(bound))
+        if fixed:
+            raise UserError(f"{self.name} fixes " + ", ".join(f"{key}={bound[key]!r}" for key in fixed)
+                            + "; choose another model")
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise UserError(f"{self.name}: unknown option(s) {', '.join(unknown)}; "
+                            f"accepted: {', '.join(sorted(self.options))}")
+        return self.builder(num_classes=num_classes, dtype=dtype, **options)
+
+    def check_options(self, options: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+        """``options`` as a weights file records them (coerced to their types), or a ``UserError`` naming the
+        bad one: a file rebuilds its model from them, so a wrong one would only fail later, in training.
+        Only the fields the variant leaves free are options: those it binds (ResNet's ``block_cls``, VGG's
+        ``depth``) are its architecture, and choosing them means another model."""
+        bound = self.bound_options
+        checked = {}
+        for key, value in options.items():
+            if key in bound:
+                raise UserError(f"{where}{self.name}: option {key}={_show(value)} refused: {self.name} binds "
+                                f"{key}={bound[key]!r}, it is the architecture; choose another model instead")
+            if key in RESERVED_OPTIONS:
+                raise UserError(f"{where}{self.name}: {key!r} is not a model option here; "
+                                "pass it as its own argument")
+            if key not in self.options:
+                raise UserError(f"{where}{self.name}: unknown option {key!r}; "
+                                f"accepted: {', '.join(sorted(self.options)) or 'none'}")
+            kind = self.options[key]
+            if not kind.accepts(value):
+                raise UserError(f"{where}{self.name}: option {key}={_show(value)} has the wrong type: "
+                                f"expected {kind.name} ({kind.words})")
+            checked[key] = kind.coerce(value)
+        return checked
+
+    def recorded_options(self, model: nn.Module) -> dict[str, Any]:
+        """The options ``model`` was built with: what a weights file records so that loading it rebuilds the
+        same model (GoogLeNet's ``transform_input``!)."""
+        return {key: getattr(model, key) for key in self.options}
+
+
+def _show(value: Any) -> str:
+    """``value`` as it was typed on the command line (JSON), else its repr."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+# --- the registry ----------------------------------------------------------------------------
+
 
 _REGISTRY: dict[str, ModelSpec] = {}
+ModelRef = str | ModelSpec  # what functions taking a model accept: a registered name, or its resolved spec
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
@@ -101,50 +258,64 @@ def list_models(pattern: str = "*") -> list[str]:
     return [name for name in _REGISTRY if fnmatch.fnmatch(name, pattern)]
 
 
-def get_spec(name: str) -> ModelSpec:
+def get_spec(model: ModelRef) -> ModelSpec:
+    """The ``ModelSpec`` of a registered name (a spec is returned as it is, so callers may pass either)."""
+    if isinstance(model, ModelSpec):
+        return model
     try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}") from None
+        return _REGISTRY[model]
+    except (KeyError, TypeError):
+        raise UserError(f"unknown model {model!r}; known models: {', '.join(_REGISTRY)}") from None
 
 
-def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32, **options: Any) -> nn.Module:
+def create_model(name: ModelRef, num_classes: int = 1000, dtype: Any = jnp.float32, **options: Any) -> nn.Module:
     """Build the Flax module for ``name``; ``options`` are the torchvision constructor options
     of its family (``dropout``, ``aux_logits``, ``zero_init_residual``, ...) that the variant leaves free."""
-    spec = get_spec(name)
-    num_classes = check_num_classes(num_classes)
-    bound = bound_options(name)
-    fixed = sorted(set(options) & set(bound))
-    if fixed:
-        raise ValueError(f"{name} fixes " + ", ".join(f"{key}={bound[key]!r}" for key in fixed)
-                         + "; choose another model")
-    allowed = {f.name for f in dataclasses.fields(model_class(name)) if f.init} - {"parent", "name", *bound}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; "
-                         f"accepted: {', '.join(sorted(allowed - {'num_classes', 'dtype'}))}")
-    return spec.builder(num_classes=num_classes, dtype=dtype, **options)
+    return get_spec(name).create(num_classes, dtype, **options)
 
 
 def check_num_classes(num_classes: Any) -> int:
-    """``num_classes`` as an int, or a ``ValueError`` naming it: 0, a negative count, a bool or a float would
+    """``num_classes`` as an int, or a ``UserError`` naming it: 0, a negative count, a bool or a float would
     otherwise fail deep inside the initializers (or, as ``True``, silently build a 1-class head)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        raise UserError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     return int(num_classes)
 
 
-def model_class(name: str) -> type[nn.Module]:
+def model_class(name: ModelRef) -> type[nn.Module]:
     """The Flax module class that ``name`` builds (its family's, whatever the variant binds)."""
-    builder = get_spec(name).builder
-    return builder.func if isinstance(builder, partial) else builder
+    return get_spec(name).module_class
 
 
-def bound_options(name: str) -> dict[str, Any]:
-    """The constructor arguments the variant ``name`` binds (``functools.partial`` keywords): its architecture,
-    which no option may change (ResNet's ``stage_sizes``, VGG's ``depth``)."""
-    builder = get_spec(name).builder
-    return dict(builder.keywords) if isinstance(builder, partial) else {}
+def bound_options(name: ModelRef) -> dict[str, Any]:
+    """The constructor arguments the variant ``name`` binds: its architecture."""
+    return get_spec(name).bound_options
+
+
+def options(name: ModelRef) -> dict[str, OptionType]:
+    """Option name -> type, for the options ``name`` leaves free: what ``create_model`` accepts and a weights
+    file records."""
+    return dict(get_spec(name).options)
+
+
+def check_options(name: ModelRef, options: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """See ``ModelSpec.check_options``."""
+    return get_spec(name).check_options(options, where)
+
+
+def recorded_options(name: ModelRef, model: nn.Module) -> dict[str, Any]:
+    """See ``ModelSpec.recorded_options``."""
+    return get_spec(name).recorded_options(model)
+
+
+def _describe_module(module: nn.Module) -> tuple[str, tuple[int, int]] | None:
+    """The registered model ``module`` is (name, minimum input size), if exactly one builds it; for errors."""
+    matches = [spec for spec in _REGISTRY.values() if spec.module_class is type(module)
+               and all(getattr(module, k, None) == v for k, v in spec.bound_options.items())]
+    return (matches[0].name, matches[0].weights.min_size) if len(matches) == 1 else None
+
+
+layers.set_model_describer(_describe_module)
 
 
 @cache

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxnets.eval_transform import IMAGENET_MEAN, IMAGENET_STD
 from jaxnets.layers import (
     Conv2d,
     Linear,
@@ -39,6 +40,8 @@ BLOCKS = (
     ("inception5a", 256, 160, 320, 32, 128, 128), ("inception5b", 384, 192, 384, 48, 128, 128),
 )
 AUX_AFTER = {"inception4a": "aux1", "inception4d": "aux2"}
+# Training loss = main + AUX_WEIGHT * (aux1 + aux2): the paper's weight, and torchvision's reference recipe's.
+AUX_WEIGHT = 0.3
 
 
 class GoogLeNetOutputs(NamedTuple):
@@ -172,6 +175,6 @@ class GoogLeNet(nn.Module):
 def transform_input(x: jax.Array) -> jax.Array:
     """torchvision's ``transform_input``: re-normalize ImageNet-normalized input to the (x - 0.5) / 0.5
     normalization the original Inception weights were trained with."""
-    mean = jnp.array([0.485, 0.456, 0.406], x.dtype)
-    std = jnp.array([0.229, 0.224, 0.225], x.dtype)
+    mean = jnp.array(IMAGENET_MEAN, x.dtype)
+    std = jnp.array(IMAGENET_STD, x.dtype)
     return x * (std / 0.5) + (mean - 0.5) / 0.5

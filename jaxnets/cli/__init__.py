@@ -1,0 +1,1 @@
+"""The command-line tools: argparse -> library calls, errors reported by ``jaxnets.errors.run_cli``."""

@@ -1,0 +1,70 @@
+"""What a user error is, and how the command-line tools report one.
+
+Every deliberate check in jaxnets raises a ``UserError`` (or a subclass: ``DataError``, ``WeightsError``,
+...): a ``ValueError``, so library callers catch it as before. A CLI prints a ``UserError`` or an ``OSError``
+(a missing file, a full disk) as one line and exits non-zero; anything else is a bug in jaxnets and keeps
+its traceback, so that it is never mistaken for a mistake of the user's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+class UserError(ValueError):
+    """A deliberate refusal of bad input; its message names the flag, file, key or shape at fault."""
+
+
+# The commands a pip install puts on PATH (pyproject's [project.scripts]); what error messages tell a user to run.
+COMMANDS = {"train": "jaxnets-train", "convert": "jaxnets-convert", "predict": "jaxnets-predict",
+            "benchmark": "jaxnets-benchmark"}
+_invoked: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar("jaxnets_invoked_as",
+                                                                                     default=())
+
+
+def command(tool: str) -> str:
+    """How the user runs ``tool`` (a key of ``COMMANDS``): the way it was started in this process when it was
+    (``python convert_weights.py`` from a checkout), else its installed command."""
+    return dict(_invoked.get()).get(tool, COMMANDS[tool])
+
+
+@contextlib.contextmanager
+def invoked_as(tool: str, how: str) -> Iterator[None]:
+    """Within the block, messages that name ``tool`` name it as ``how``."""
+    token = _invoked.set((*_invoked.get(), (tool, how)))
+    try:
+        yield
+    finally:
+        _invoked.reset(token)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An error's whole message on one line (white space folded), cut to ``limit`` characters: for quoting a
+    third-party error inside a message of ours."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` to Python, never a size to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def run_cli(prefix: str, main: Callable[[], int]) -> int:
+    """``main()``'s exit status; a ``UserError`` or ``OSError`` becomes ``'<prefix>: error: <first line>'`` on
+    stderr and status 1. Other exceptions propagate with their traceback: they are bugs."""
+    try:
+        return main()
+    except (UserError, OSError) as error:
+        print(f"{prefix}: error: {first_line(error)}", file=sys.stderr)
+        return 1
