@@ -1,5 +1,6 @@
 """jaxnets: torchvision's classic ImageNet CNNs in JAX/Flax, exact to the last digit."""
 
+from jaxnets._version import __version__
 from jaxnets.mapping import WeightMappingError, from_torch_state_dict, to_torch_state_dict
 from jaxnets.models import GoogLeNetOutputs
 from jaxnets.registry import (
@@ -22,11 +23,9 @@ from jaxnets.weights import (
     save_weights,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
     "EvalTransform", "GoogLeNetOutputs", "ModelSpec", "PretrainedWeights", "WeightMappingError", "WeightsError",
     "WeightsFile", "create_model", "export_torch", "from_torch_state_dict", "get_spec", "imagenet_categories",
     "list_models", "load_pretrained", "load_weights", "model_options", "reinitialize_head", "save_weights",
-    "to_torch_state_dict",
+    "to_torch_state_dict", "__version__",
 ]

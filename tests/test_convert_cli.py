@@ -16,8 +16,7 @@ import torchvision
 from torch_oracle import oracle_model
 
 import jaxnets
-from jaxnets import weights
-from jaxnets.weights import load_weights
+from jaxnets.weights import load_weights, pretrained, torch_io
 
 SCRIPT = Path(__file__).resolve().parents[1] / "convert_weights.py"
 _spec = importlib.util.spec_from_file_location("convert_weights", SCRIPT)
@@ -60,7 +59,7 @@ def test_convert_with_verify(resnet18_pth, tmp_path, capsys):
 
 
 def test_verify_above_tolerance_fails_and_writes_nothing(resnet18_pth, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(weights, "TOLERANCE", -1.0)  # any difference, even 0, is now too much
+    monkeypatch.setattr(torch_io, "TOLERANCE", -1.0)  # any difference, even 0, is now too much
     out = tmp_path / "r18.safetensors"
     assert convert_weights.main(["resnet18", "--from", str(resnet18_pth), "--out", str(out), "--verify"]) == 1
     assert "does not reproduce torchvision" in one_line_error(capsys)
@@ -70,14 +69,14 @@ def test_verify_above_tolerance_fails_and_writes_nothing(resnet18_pth, tmp_path,
 def test_verify_catches_a_wrong_conversion_and_writes_nothing(resnet18_pth, tmp_path, capsys, monkeypatch):
     """A real mismatch, at the real tolerance: the converter scales conv1's kernel by 1.01 (a 1 % error the
     logits carry), torchvision runs the source file. ``--verify`` must see it, whatever TOLERANCE is."""
-    convert = weights.from_torch_state_dict
+    convert = pretrained.from_torch_state_dict
 
     def one_percent_off(name, state_dict, **options):
         variables = convert(name, state_dict, **options)
         variables["params"]["conv1"]["kernel"] = variables["params"]["conv1"]["kernel"] * 1.01
         return variables
 
-    monkeypatch.setattr(weights, "from_torch_state_dict", one_percent_off)
+    monkeypatch.setattr(pretrained, "from_torch_state_dict", one_percent_off)
     out = tmp_path / "r18.safetensors"
     assert convert_weights.main(["resnet18", "--from", str(resnet18_pth), "--out", str(out), "--verify"]) == 1
     err = one_line_error(capsys)

@@ -34,6 +34,7 @@ from jaxnets.weights import (
     cached_weights_path,
     convert,
     export_torch,
+    for_new_task,
     load_pretrained,
     load_weights,
     model_options,
@@ -178,6 +179,34 @@ def test_safetensors_conversion_and_load_work_without_torch(resnet18_files, tmp_
     assert "needs torch" in refusals[1] and "--from" in refusals[1]
 
 
+def test_the_file_format_reads_and_writes_weights_files_without_torch(resnet18_files, tmp_path):
+    """``jaxnets.weights.fileformat`` (and the model it loads) where ``import torch`` cannot succeed: a machine
+    without torch reads, verifies and writes jaxnets weights files, and nothing imports torch on the way."""
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None  # any "import torch" now raises ImportError
+        sys.modules["torchvision"] = None
+        import numpy as np
+        from jaxnets.weights import fileformat, instantiate
+        original = fileformat.load_weights(sys.argv[1])
+        copy = fileformat.save_weights(sys.argv[2], original.name, original.variables,
+                                       model_options=original.model_options, metadata=original.metadata)
+        again = fileformat.load_weights(copy)
+        assert again.sha256 == original.sha256  # the same content, whatever the file layout
+        model, variables = instantiate(again)
+        logits = model.apply(variables, np.zeros((1, 32, 32, 3), np.float32), train=False)
+        assert logits.shape == (1, 1000)
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision") and sys.modules[m])
+        print("TORCH MODULES", loaded)
+    """)
+    copy = tmp_path / "copy.safetensors"
+    result = subprocess.run([sys.executable, "-c", script, str(resnet18_files[3]), str(copy)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "TORCH MODULES []" in result.stdout
+    assert load_weights(copy).variables.keys() == load_weights(resnet18_files[3]).variables.keys()
+
+
 # --- refusals ------------------------------------------------------------------------------------
 
 
@@ -244,7 +273,7 @@ def test_torchvision_file_converts_into_the_cache(resnet18_files, tmp_path, monk
     load_pretrained reads; any other file is converted next to itself."""
     monkeypatch.setenv("JAXNETS_HOME", str(tmp_path))
     pth = resnet18_files[1]
-    monkeypatch.setattr("jaxnets.weights.file_sha256", lambda path: "f37072fd" + "0" * 56)
+    monkeypatch.setattr("jaxnets.weights.pretrained.file_sha256", lambda path: "f37072fd" + "0" * 56)
     result = convert("resnet18", pth)
     assert result.path == cached_weights_path("resnet18")
     assert result.metadata["torchvision_weights"] == "IMAGENET1K_V1"
@@ -323,7 +352,7 @@ def test_googlenet_of_ones_own_gets_torchvision_defaults_unless_told(transform_i
 def test_torchvision_googlenet_file_gets_the_options_torchvision_builds_it_with(googlenet_files, tmp_path,
                                                                                  monkeypatch):
     """torchvision's own file (recognized by its SHA-256, as downloaded) keeps transform_input=True."""
-    monkeypatch.setattr("jaxnets.weights.file_sha256", lambda path: "1378be20" + "0" * 56)
+    monkeypatch.setattr("jaxnets.weights.pretrained.file_sha256", lambda path: "1378be20" + "0" * 56)
     result = convert("googlenet", googlenet_files[1], tmp_path / "g.safetensors")
     assert result.metadata["torchvision_weights"] == "IMAGENET1K_V1"
     assert load_weights(result.path).model_options == {"transform_input": True, "aux_logits": True}
@@ -349,7 +378,7 @@ def test_writes_are_atomic(resnet18_files, tmp_path, monkeypatch):
         Path(path).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("jaxnets.weights.save_file", crash)
+    monkeypatch.setattr("jaxnets.weights.fileformat.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_weights(target, "resnet18", variables)
     assert target.read_bytes() == b"previous content"
@@ -366,7 +395,7 @@ def test_torch_export_is_atomic(resnet18_files, tmp_path, monkeypatch, suffix):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)
-    monkeypatch.setattr("jaxnets.weights.save_file", crash)
+    monkeypatch.setattr("jaxnets.weights.fileformat.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         export_torch(resnet18_files[3], target)
     assert target.read_bytes() == b"previous content"
@@ -444,6 +473,29 @@ def test_num_classes_override_reinitializes_exactly_the_head(files, request, cap
     for key in renewed_keys:  # BatchNorm statistics of the aux heads start fresh, as at init
         if key.endswith("/mean") or key.endswith("/var"):
             assert np.all(renewed[key] == (0.0 if key.endswith("mean") else 1.0)), key
+
+
+@pytest.mark.parametrize(("files", "num_classes", "options"), [
+    ("resnet18_files", 1000, {}),  # the checkpoint's number of classes: a new task all the same
+    ("googlenet_files", 5, {}),
+    ("googlenet_files", 5, {"aux_logits": False}),
+])
+def test_for_new_task_is_the_checkpoint_with_every_head_module_fresh(files, num_classes, options, request):
+    """``for_new_task`` gives, bit for bit, what loading, re-initializing the head and rebuilding gives."""
+    path = request.getfixturevalue(files)[-1]
+    name = load_weights(path).name
+    model, variables, renewed = for_new_task(name, num_classes, path, rng=3, **options)
+    loaded, checkpoint = load_pretrained(name, weights=path, **options)
+    recorded = model_options(name, loaded)
+    expected, names = reinitialize_head(name, checkpoint, num_classes, rng=3, **recorded)
+    assert model == jaxnets.create_model(name, num_classes, **recorded)
+    assert renewed == names == [m for m in jaxnets.get_spec(name).head if m in variables["params"]]
+    got, want, original = flat(variables), flat(expected), flat(checkpoint)
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]) for k in want)
+    classifier = f"params/{jaxnets.get_spec(name).classifier}/kernel"
+    if got[classifier].shape == original[classifier].shape:
+        assert not np.array_equal(got[classifier], original[classifier])
 
 
 def test_reinitialize_head_is_seeded(resnet18_files):

@@ -1,0 +1,181 @@
+"""PyTorch state dicts in and out: the only module of jaxnets that imports torch or torchvision.
+
+torch stays optional: it is imported inside the functions that need it (reading ``.pth`` files, downloading
+torchvision's weights, verifying against torchvision, writing ``.pth``), and a missing torch is a
+``WeightsError`` that names what to do instead. ``.safetensors`` state dicts are read and written without it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from jaxnets import errors, trees
+from jaxnets.fileio import atomic_path
+from jaxnets.mapping import as_numpy, to_torch_state_dict
+from jaxnets.registry import ModelRef, get_spec
+from jaxnets.weights.fileformat import (
+    FORMAT,
+    SUFFIX,
+    PathLike,
+    WeightsError,
+    file_sha256,
+    load_weights,
+    read_safetensors,
+    refuse_overwriting,
+    require_file,
+    write_safetensors,
+)
+
+# Wrappers around a state dict that training scripts commonly save: {'state_dict': {...}}, ...
+STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict")
+DATA_PARALLEL_PREFIX = "module."
+# Constructor arguments torchvision needs that change nothing jaxnets compares (skip a slow init).
+TORCHVISION_BUILD_KWARGS = {"googlenet": {"init_weights": False}}
+TOLERANCE = 1e-4  # max |jax - torch| <= TOLERANCE * (1 + max |torch|), float32 logits
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: PathLike) -> dict[str, np.ndarray]:
+    """A PyTorch state dict from ``.safetensors`` (no torch needed) or a ``torch.save`` file.
+
+    Pickles are read with ``torch.load(weights_only=True)``: a file that would construct anything
+    but tensors and containers is refused, never executed. ``{'state_dict': ...}``-style wrappers
+    and DataParallel's ``module.`` prefix are removed.
+    """
+    path = Path(path)
+    if path.suffix == SUFFIX:
+        header, state = read_safetensors(path)
+        if header.get("format") == FORMAT:
+            raise WeightsError(f"{path}: already a jaxnets weights file; use it directly (weights={str(path)!r})")
+    else:
+        state = _read_torch_file(path)
+    if state and all(key.startswith(DATA_PARALLEL_PREFIX) for key in state):
+        state = {key[len(DATA_PARALLEL_PREFIX):]: value for key, value in state.items()}
+    return state
+
+
+def _read_torch_file(path: Path) -> dict[str, np.ndarray]:
+    require_file(path)
+    torch = _import_torch(f"reading {path.name}", f"convert it to .safetensors where torch is installed: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line),
+                      errors.one_line(exc))
+        raise WeightsError(f"{path}: refused: the pickle holds objects other than tensors, loading it could run "
+                           f"code ({detail})") from None
+    except Exception as exc:  # torch raises RuntimeError, KeyError, EOFError, ... on damaged files
+        raise WeightsError(f"{path}: unreadable PyTorch file, truncated or corrupt "
+                           f"({type(exc).__name__}: {errors.one_line(exc)})") from None
+    for wrapper in STATE_DICT_WRAPPERS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
+                               f"expected a state dict (or {{'state_dict': ...}})")
+        state[key] = as_numpy(value)
+    return state
+
+
+def fetch_torchvision_state_dict(name: ModelRef) -> tuple[dict[str, np.ndarray], str, str]:
+    """Download torchvision's ImageNet weights for ``name`` through torchvision's Weights API
+    (hash-checked, cached by torch.hub): ``(state dict, url, SHA-256 of the file)``."""
+    spec = get_spec(name)
+    hint = (f"download {spec.weights.url} where you can and run: "
+            f"{errors.command('convert')} {spec.name} --from {spec.weights.filename}")
+    torch = _import_torch(f"fetching torchvision's {spec.name} weights", hint)
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(spec.name)[spec.weights.torchvision_name]
+    try:
+        state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a hash mismatch a RuntimeError
+        raise WeightsError(f"{spec.name}: cannot download {spec.weights.url} ({errors.one_line(exc)}); "
+                           f"{hint}") from None
+    file = Path(torch.hub.get_dir()) / "checkpoints" / spec.weights.filename
+    sha256 = file_sha256(file) if file.is_file() else ""
+    if sha256 and not sha256.startswith(spec.weights.sha256_prefix):
+        raise WeightsError(f"{file}: SHA-256 {sha256[:12]}... is not torchvision's {spec.weights.sha256_prefix}...: "
+                           f"a damaged download; delete it and convert again")
+    return {key: as_numpy(value) for key, value in state.items()}, spec.weights.url, sha256
+
+
+# --- verifying ----------------------------------------------------------------------------------------
+
+
+def compare_with_torchvision(name: ModelRef, state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any],
+                             model_options: Mapping[str, Any], *, image_size: int = 224, batch_size: int = 2,
+                             seed: int = 0) -> tuple[float, float]:
+    """Run torchvision (loaded with ``state_dict``) and jaxnets (with ``variables``) in eval mode on one
+    random batch: ``(max |logit difference|, tolerance)``."""
+    torch = _import_torch("--verify", "convert without verifying")
+    import torchvision
+
+    spec = get_spec(name)
+    num_classes = int(np.shape(trees.flatten(variables)[f"params/{spec.classifier}/kernel"])[-1])
+    torch_model = torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes, **model_options,
+                                               **TORCHVISION_BUILD_KWARGS.get(spec.family, {}))
+    # Source tensors for every weight; jaxnets' export only fills what the source may lack (num_batches_tracked).
+    full = {**to_torch_state_dict(spec, variables), **state_dict}
+    torch_model.load_state_dict({k: _as_tensor(torch, v) for k, v in full.items()}, strict=True)
+    x = np.random.default_rng(seed).standard_normal((batch_size, image_size, image_size, 3), np.float32)
+    with torch.no_grad():
+        expected = torch_model.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    actual = np.asarray(_eval_logits(spec.create(num_classes, **model_options), variables, x))
+    return float(np.max(np.abs(actual - expected))), TOLERANCE * (1.0 + float(np.max(np.abs(expected))))
+
+
+@partial(jax.jit, static_argnums=0)
+def _eval_logits(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> jax.Array:
+    return model.apply(variables, x, train=False)
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+
+def export_torch(weights: PathLike, out: PathLike) -> Path:
+    """Write a jaxnets weights file as a torchvision state dict: ``.safetensors`` (no torch needed) or,
+    for any other suffix, ``torch.save`` (``.pth``). ``load_state_dict(..., strict=True)`` accepts it."""
+    refuse_overwriting(weights, out)
+    weights_file = load_weights(weights)
+    state = to_torch_state_dict(weights_file.name, weights_file.variables)
+    out = Path(out)
+    if out.suffix == SUFFIX:
+        return write_safetensors(out, state, {"jaxnets_model": weights_file.name,
+                                              "jaxnets_sha256": weights_file.sha256})
+    torch = _import_torch(f"writing {out.name}", f"export to .safetensors: {out.with_suffix(SUFFIX)}")
+    with atomic_path(out) as tmp:
+        torch.save({key: _as_tensor(torch, value) for key, value in state.items()}, tmp)
+    return out
+
+
+def _as_tensor(torch: Any, array: np.ndarray) -> Any:
+    """A CPU tensor sharing memory with ``array`` (copied only when read-only, which torch rejects)."""
+    array = np.asarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _import_torch(purpose: str, alternative: str) -> Any:
+    """torch, after checking torchvision imports too; else a ``WeightsError`` naming ``alternative``."""
+    try:
+        import torch
+        import torchvision  # noqa: F401  (imported here so a missing torchvision fails now, clearly)
+    except ImportError:
+        raise WeightsError(f"{purpose} needs torch and torchvision (pip install 'jaxnets[torch]'); "
+                           f"otherwise {alternative}") from None
+    return torch
