@@ -1,16 +1,19 @@
 """jaxnets: torchvision's classic ImageNet CNNs in JAX/Flax, exact to the last digit."""
 
 from jaxnets._version import __version__
+from jaxnets.errors import UserError
+from jaxnets.eval_transform import EvalTransform
 from jaxnets.mapping import WeightMappingError, from_torch_state_dict, to_torch_state_dict
 from jaxnets.models import GoogLeNetOutputs
 from jaxnets.registry import (
-    EvalTransform,
     ModelSpec,
     PretrainedWeights,
+    check_options,
     create_model,
     get_spec,
     imagenet_categories,
     list_models,
+    options,
 )
 from jaxnets.weights import (
     WeightsError,
@@ -24,8 +27,8 @@ from jaxnets.weights import (
 )
 
 __all__ = [
-    "EvalTransform", "GoogLeNetOutputs", "ModelSpec", "PretrainedWeights", "WeightMappingError", "WeightsError",
-    "WeightsFile", "create_model", "export_torch", "from_torch_state_dict", "get_spec", "imagenet_categories",
-    "list_models", "load_pretrained", "load_weights", "model_options", "reinitialize_head", "save_weights",
-    "to_torch_state_dict", "__version__",
+    "EvalTransform", "GoogLeNetOutputs", "ModelSpec", "PretrainedWeights", "UserError", "WeightMappingError",
+    "WeightsError", "WeightsFile", "__version__", "check_options", "create_model", "export_torch",
+    "from_torch_state_dict", "get_spec", "imagenet_categories", "list_models", "load_pretrained", "load_weights",
+    "model_options", "options", "reinitialize_head", "save_weights", "to_torch_state_dict",
 ]

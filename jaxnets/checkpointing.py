@@ -22,11 +22,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from jaxnets.errors import UserError
+
 BEST_METRIC = "top1"
 DIGEST_KEY = "state_crc32"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read back as it was written."""
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxnets.data import DIGITS, DataConfig
+from jaxnets.errors import UserError
 from jaxnets.registry import get_spec
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -103,7 +104,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     check_image_size(config.model, image_size)
     for flag, value in (("--dataset", config.dataset), ("--workdir", config.workdir)):
         if value is not None and not value.strip():
-            raise ValueError(f"{flag} is empty")
+            raise UserError(f"{flag} is empty")
     adamw = config.optimizer == "adamw"
     batch_size = _default(config.batch_size, 32 if digits else 128)
     resolved = dataclasses.replace(
@@ -121,7 +122,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     )
     _check_ranges(resolved)
     if spec.family != "googlenet" and resolved.no_aux:
-        raise ValueError(f"--no-aux: {config.model} has no auxiliary heads (GoogLeNet only)")
+        raise UserError(f"--no-aux: {config.model} has no auxiliary heads (GoogLeNet only)")
     return resolved
 
 
@@ -129,7 +130,7 @@ def check_image_size(model: str, image_size: int) -> None:
     """``--image-size`` against the model's minimum input (below it an internal feature map is empty)."""
     minimum = max(get_spec(model).weights.min_size)
     if image_size < minimum:
-        raise ValueError(f"--image-size {image_size}: {model} needs at least {minimum} px")
+        raise UserError(f"--image-size {image_size}: {model} needs at least {minimum} px")
 
 
 def peak_learning_rate(config: TrainConfig) -> float:
@@ -180,9 +181,9 @@ def _check_ranges(config: TrainConfig) -> None:
     for flag, field, expected, ok in _RANGES:
         value = getattr(config, field)
         if value is not None and not (math.isfinite(value) and ok(value)):
-            raise ValueError(f"{flag} must be {expected}, got {value}")
+            raise UserError(f"{flag} must be {expected}, got {value}")
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+        raise UserError(f"{flag} {value!r}: choose one of {', '.join(choices)}")

@@ -28,6 +28,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from jaxnets.errors import UserError
+
 
 class _LazyTensorFlow:
     """``tensorflow``, imported on first use: importing it costs seconds, and torchvision imported after
@@ -57,7 +59,7 @@ SPLIT_SEED = 0  # held-out splits are fixed, whatever --seed is, so runs with di
 SHUFFLE_BUFFER = 16_384
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset that cannot be used, with a one-line reason naming the dataset, folder or file."""
 
 
@@ -259,7 +261,7 @@ class Dataset:
 
     def _split(self, split: str) -> Split:
         if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+            raise UserError(f"split must be 'train' or 'val', got {split!r}")
         return self.train if split == "train" else self.val
 
     def _augment(self, epoch_seed: int):

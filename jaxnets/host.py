@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jaxnets.errors import UserError
+
 # mallopt parameters from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -92,7 +94,7 @@ def tcmalloc_environment(environ: Mapping[str, str], library: str | None) -> dic
     it is: no tcmalloc, ``JAXNETS_ALLOCATOR=glibc``, tcmalloc preloaded already, or already restarted."""
     choice = environ.get(ALLOCATOR_VARIABLE, "tcmalloc")
     if choice not in ("tcmalloc", "glibc"):
-        raise ValueError(f"{ALLOCATOR_VARIABLE}={choice!r}: expected 'tcmalloc' or 'glibc'")
+        raise UserError(f"{ALLOCATOR_VARIABLE}={choice!r}: expected 'tcmalloc' or 'glibc'")
     preload = environ.get("LD_PRELOAD", "")
     if library is None or choice == "glibc" or "libtcmalloc" in preload or _RESTARTED_VARIABLE in environ:
         return None

@@ -18,6 +18,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxnets.errors import UserError
+
 DATA_AXIS = "data"
 
 # Environment variables that mean "this process is one of several": JAX's own cluster auto-detection
@@ -47,7 +49,7 @@ def parse_coordinator(address: str) -> tuple[str, int]:
     ``--coordinator`` for anything else, before JAX fails on it obscurely or waits for it."""
     host, sep, port = address.rpartition(":")
     if not sep or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-        raise ValueError(f"--coordinator {address!r}: expected host:port with a port from 1 to 65535 "
+        raise UserError(f"--coordinator {address!r}: expected host:port with a port from 1 to 65535 "
                          "(e.g. 10.0.0.1:1234)")
     return host, int(port)
 
@@ -59,7 +61,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     process or when already initialized. Must run before anything touches a JAX device."""
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
-        raise ValueError("--coordinator, --num-processes and --process-id go together (give all three, or none "
+        raise UserError("--coordinator, --num-processes and --process-id go together (give all three, or none "
                          "and let a cluster environment be auto-detected)")
     if coordinator is not None:
         parse_coordinator(coordinator)
@@ -78,10 +80,10 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
-            raise ValueError(f"--devices {num_devices}: there are {len(devices)} device(s) "
+            raise UserError(f"--devices {num_devices}: there are {len(devices)} device(s) "
                              f"({devices[0].platform})")
         if jax.process_count() > 1 and num_devices != len(devices):
-            raise ValueError(f"--devices {num_devices}: a multi-process run uses all {len(devices)} devices")
+            raise UserError(f"--devices {num_devices}: a multi-process run uses all {len(devices)} devices")
         devices = devices[:num_devices]
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
@@ -99,7 +101,7 @@ def check_batch_size(global_batch: int, mesh: Mesh, flag: str = "--batch-size") 
     """A global batch must split evenly over the devices (and so over the processes)."""
     devices = mesh.devices.size
     if global_batch < 1 or global_batch % devices:
-        raise ValueError(f"{flag} {global_batch} is not divisible by the {devices} device(s) of the mesh; "
+        raise UserError(f"{flag} {global_batch} is not divisible by the {devices} device(s) of the mesh; "
                          f"use a multiple of {devices}")
 
 

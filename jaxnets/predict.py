@@ -12,7 +12,6 @@ is compiled once.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -24,8 +23,10 @@ import numpy as np
 from flax import linen as nn
 from PIL import Image
 
-from jaxnets import host
-from jaxnets.registry import EvalTransform, get_spec, imagenet_categories
+from jaxnets import errors, host
+from jaxnets.errors import UserError
+from jaxnets.eval_transform import EvalTransform
+from jaxnets.registry import ModelRef, get_spec, imagenet_categories
 from jaxnets.weights import WeightsFile, instantiate, open_pretrained
 
 IMAGENET_EVAL = EvalTransform()
@@ -88,7 +89,7 @@ def batch_logits(forward: Callable, variables: Any, images: np.ndarray, batch_si
     has the same shape and reuses one compilation."""
     count = len(images)
     if count > batch_size:
-        raise ValueError(f"{count} images exceed the batch size {batch_size}")
+        raise UserError(f"{count} images exceed the batch size {batch_size}")
     padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
     padded[:count] = images
     return np.asarray(forward(variables, padded), np.float32)[:count]
@@ -116,31 +117,16 @@ def top_k(logits: np.ndarray, k: int, categories: Sequence[str]) -> list[list[tu
     return [[(categories[i], float(row[i])) for i in indices] for row, indices in zip(probs, order, strict=True)]
 
 
-MAX_IMAGE_SIDE = 8192  # a recorded eval size beyond this is a corrupt entry, not a model's input size
-
-
-def eval_transform(model: str, weights_file: WeightsFile) -> EvalTransform:
+def eval_transform(model: ModelRef, weights_file: WeightsFile) -> EvalTransform:
     """The model's eval transform at the sizes its weights were validated with: ``train.py`` records them
     (a model fine-tuned at 64 px is shown 64-px crops, not ImageNet's 224), torchvision's weights use theirs.
-    A malformed entry is a ``ValueError`` naming the file: guessing would show the model the wrong images."""
+    A malformed entry is a ``UserError`` naming the file: guessing would show the model the wrong images."""
     spec = get_spec(model)
     recorded = weights_file.metadata.get("eval_transform")
     if recorded is None:
         return spec.weights.transforms
-    where = f"{weights_file.path or model}: metadata eval_transform"
-    if not isinstance(recorded, dict) or "crop_size" not in recorded or set(recorded) - {"resize_size", "crop_size"}:
-        raise ValueError(f"{where} = {recorded!r}: expected {{'crop_size': int, 'resize_size': int (optional)}}")
-    crop = recorded["crop_size"]
-    resize = recorded.get("resize_size", round(crop * 256 / 224) if _is_int(crop) else crop)
-    low = max(spec.weights.min_size)
-    for key, value, minimum in (("crop_size", crop, low), ("resize_size", resize, crop if _is_int(crop) else low)):
-        if not _is_int(value) or not minimum <= value <= MAX_IMAGE_SIDE:
-            raise ValueError(f"{where}: {key}={value!r}, expected an integer from {minimum} to {MAX_IMAGE_SIDE}")
-    return dataclasses.replace(spec.weights.transforms, resize_size=resize, crop_size=crop)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return spec.weights.transforms.from_record(recorded, min_size=max(spec.weights.min_size),
+                                               where=f"{weights_file.path or spec.name}: metadata eval_transform")
 
 
 def category_names(weights_file: WeightsFile) -> tuple[str, ...]:
@@ -160,7 +146,7 @@ def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jaxnets.predict",
+    parser = argparse.ArgumentParser(prog=errors.command("predict"),
                                      description="Top-K ImageNet (or fine-tuned) classes of each image.")
     parser.add_argument("--model", required=True, help="model name, e.g. resnet50 (see jaxnets.list_models())")
     parser.add_argument("--weights", help="jaxnets weights file (default: converted torchvision ImageNet weights "
@@ -180,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights_file = open_pretrained(args.model, args.weights)
         model, variables = instantiate(weights_file)
         transform = eval_transform(args.model, weights_file)
-    except (OSError, ValueError) as exc:
+    except (OSError, UserError) as exc:  # anything else is a bug in jaxnets: its traceback shows
         print(f"error: {exc}", file=sys.stderr)
         return 1
     categories = category_names(weights_file)
@@ -210,4 +196,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with errors.invoked_as("predict", "python -m jaxnets.predict"):
+        sys.exit(main())

@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from jaxnets import host
+from jaxnets.errors import UserError
 
 PROBES = ("svm", "logreg")
 FEATURES_FILE = "probe_features.npz"
@@ -58,7 +59,7 @@ def extract_features(model: nn.Module, variables: Any, batches: Iterable[tuple[n
         outputs.append((_pre_logits(model)(variables, images), n))
         labels.append(batch_labels)
     if not outputs:
-        raise ValueError("extract_features: no batches")
+        raise UserError("extract_features: no batches")
     return np.concatenate([np.asarray(out)[:n] for out, n in outputs]), np.concatenate(labels)
 
 
@@ -82,7 +83,7 @@ def linear_probe(model: nn.Module, variables: Any, train_batches: Iterable, val_
     x_train, y_train = extract_features(model, variables, train_batches, mesh=mesh)
     x_val, y_val = extract_features(model, variables, val_batches, mesh=mesh)
     if not np.all(np.isfinite(x_train)) or not np.all(np.isfinite(x_val)):
-        raise ValueError("linear probe: the backbone produced non-finite features")
+        raise UserError("linear probe: the backbone produced non-finite features")
     classifier.fit(x_train, y_train)
     metrics: dict[str, float | int] = {"top1": topk_accuracy(classifier, x_val, y_val, 1)}
     if len(classifier.classes_) >= 5:
@@ -106,7 +107,7 @@ def make_classifier(kind: str, seed: int = 0) -> Pipeline:
     elif kind == "logreg":
         linear = LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
     else:
-        raise ValueError(f"unknown linear probe {kind!r}; choose one of {', '.join(PROBES)}")
+        raise UserError(f"unknown linear probe {kind!r}; choose one of {', '.join(PROBES)}")
     return make_pipeline(StandardScaler(), linear)
 
 
@@ -123,13 +124,13 @@ def _unpack(batch: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         images, labels = batch
     except (TypeError, ValueError):
-        raise ValueError(f"batch {index}: expected an (images, labels) pair, got {type(batch).__name__}") from None
+        raise UserError(f"batch {index}: expected an (images, labels) pair, got {type(batch).__name__}") from None
     images = np.asarray(images)
     if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(f"batch {index}: images are {images.dtype}; the probe needs normalized float images "
+        raise UserError(f"batch {index}: images are {images.dtype}; the probe needs normalized float images "
                          "(the weights' transforms mean/std, as jaxnets.data produces)")
     images = images.astype(np.float32)
     if images.ndim != 4 or len(labels) != images.shape[0]:
-        raise ValueError(f"batch {index}: expected NHWC images and one label per image, "
+        raise UserError(f"batch {index}: expected NHWC images and one label per image, "
                          f"got images {images.shape} and {len(labels)} labels")
     return images, np.asarray(labels)

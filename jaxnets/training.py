@@ -33,6 +33,7 @@ from jaxnets import host, parallel, transfer
 from jaxnets.checkpointing import Checkpointer
 from jaxnets.config import TrainConfig, peak_learning_rate, resolve, resume_mismatch
 from jaxnets.data import Dataset, load_dataset
+from jaxnets.errors import UserError
 from jaxnets.models import GoogLeNetOutputs
 from jaxnets.registry import create_model
 from jaxnets.run_io import METRICS_FILE, Progress, RunLog, epoch_summary
@@ -80,7 +81,7 @@ def create_train_state(model: nn.Module, variables: PyTree, tx: optax.GradientTr
     and the train step donates the state: do not reuse ``variables`` after training."""
     trainable = None if trainable_mask is None else tuple(bool(t) for t in jax.tree.leaves(trainable_mask))
     if trainable is not None and len(trainable) != len(jax.tree.leaves(variables["params"])):
-        raise ValueError("trainable_mask does not have the structure of the parameters")
+        raise UserError("trainable_mask does not have the structure of the parameters")
     replicated = parallel.replicated(mesh)
 
     def init(variables):
@@ -308,14 +309,14 @@ def run_linear_probe(config: TrainConfig) -> dict[str, float]:
     the (eval-transformed) training set and score it on the validation set; results in the workdir."""
     config, mesh, dataset = setup(config)
     if jax.process_count() > 1:
-        raise ValueError("--linear-probe runs in a single process")
+        raise UserError("--linear-probe runs in a single process")
     try:
         from jaxnets.probe import linear_probe
     except ImportError:
-        raise ValueError("--linear-probe needs jaxnets.probe.linear_probe, which this install lacks") from None
+        raise UserError("--linear-probe needs jaxnets.probe.linear_probe, which this install lacks") from None
     workdir = Path(config.workdir).absolute()
     if Checkpointer(workdir / "checkpoints").latest_step() is not None or (workdir / METRICS_FILE).exists():
-        raise ValueError(f"--workdir {config.workdir} holds a training run; a linear probe would overwrite its logs, "
+        raise UserError(f"--workdir {config.workdir} holds a training run; a linear probe would overwrite its logs, "
                          f"use another --workdir")
     run = RunLog(workdir)
     run.print(f"run directory: {workdir}")
@@ -401,7 +402,7 @@ def _check_resumable(checkpointer: Checkpointer, config: TrainConfig, steps_per_
         problem = ("its optimizer state has an older jaxnets' layout (whose --grad-clip clipped each "
                    "learning-rate group on its own)")
     if problem:
-        raise ValueError(f"--workdir {config.workdir} holds a checkpoint (step {step}) of a different run: {problem}; "
+        raise UserError(f"--workdir {config.workdir} holds a checkpoint (step {step}) of a different run: {problem}; "
                          f"use another --workdir")
     return step
 
@@ -535,7 +536,7 @@ def _check_finite(metrics: dict[str, float], step: int, checkpointer: Checkpoint
     if not math.isfinite(loss):
         saved = checkpointer.latest_step()
         kept = f"the last checkpoint (step {saved}) is kept" if saved is not None else "no checkpoint was saved"
-        raise ValueError(f"training diverged: loss {loss} by step {step} (try a lower --lr); {kept}")
+        raise UserError(f"training diverged: loss {loss} by step {step} (try a lower --lr); {kept}")
 
 
 def _mean(records: list[dict[str, Any]]) -> dict[str, float]:

@@ -23,6 +23,7 @@ import optax
 from flax import linen as nn
 from flax import traverse_util
 
+from jaxnets.errors import UserError
 from jaxnets.registry import create_model, get_spec
 
 PyTree = Any
@@ -53,11 +54,11 @@ def trainable_mask(name: str, params: PyTree, freeze: str | Sequence[str]) -> Py
         else:
             matched = [path for path in flat if _matches(pattern, path)]
             if not matched:
-                raise ValueError(f"{name}: freeze pattern {pattern!r} matches no parameter; "
+                raise UserError(f"{name}: freeze pattern {pattern!r} matches no parameter; "
                                  f"top-level modules: {', '.join(_top_level(flat))}")
         frozen.update(dict.fromkeys(matched, True))
     if all(frozen.values()):
-        raise ValueError(f"{name}: freeze {_as_text(freeze)!r} leaves nothing trainable "
+        raise UserError(f"{name}: freeze {_as_text(freeze)!r} leaves nothing trainable "
                          f"(all {len(flat)} parameter arrays frozen)")
     return traverse_util.unflatten_dict({path: not is_frozen for path, is_frozen in frozen.items()})
 
@@ -106,7 +107,7 @@ def build_optimizer(base_tx: optax.GradientTransformation, mask: PyTree, *, head
     """
     _check_mult(backbone_lr_mult, "backbone_lr_mult")
     if backbone_lr_mult != 1.0 and head_mask is None:
-        raise ValueError("backbone_lr_mult needs head_mask to tell the head from the backbone")
+        raise UserError("backbone_lr_mult needs head_mask to tell the head from the backbone")
     _check_bools(_flat_like(mask, mask, "mask"), "mask")
     if head_mask is not None:
         _check_bools(_flat_like(head_mask, mask, "head_mask"), "head_mask")
@@ -150,13 +151,13 @@ def layerwise_lr_mults(name: str, params: PyTree, decay: float) -> PyTree:
     (``layer3/1``, ``features/7``, ``classifier/4``); pass the result to ``build_optimizer(lr_mults=...)``.
     """
     if not 0 < decay <= 1:
-        raise ValueError(f"layer decay must be in (0, 1], got {decay}")
+        raise UserError(f"layer decay must be in (0, 1], got {decay}")
     flat = _flat(params, name)
     head = _flat_head(name, flat)
     backbone_blocks = {_block(path[:-1]) for path in flat if not head[path]}
     unknown = sorted(backbone_blocks - set(_forward_order(name)))
     if unknown:
-        raise ValueError(f"{name}: params have block(s) {', '.join(unknown)} that {name} does not have "
+        raise UserError(f"{name}: params have block(s) {', '.join(unknown)} that {name} does not have "
                          "(parameters of another model?)")
     blocks = [block for block in _forward_order(name) if block in backbone_blocks]
     depth = {block: len(blocks) - i for i, block in enumerate(blocks)}
@@ -185,9 +186,9 @@ def describe(params: PyTree, mask: PyTree) -> str:
 
 def _flat(tree: PyTree, name: str) -> dict[Path, Any]:
     if not isinstance(tree, Mapping) or not tree:
-        raise ValueError(f"{name}: expected a non-empty dict of parameters, got {type(tree).__name__}")
+        raise UserError(f"{name}: expected a non-empty dict of parameters, got {type(tree).__name__}")
     if "params" in tree and set(tree) <= {"params", "batch_stats"}:
-        raise ValueError(f"{name}: pass variables['params'], not the whole variables dict")
+        raise UserError(f"{name}: pass variables['params'], not the whole variables dict")
     return traverse_util.flatten_dict(tree)
 
 
@@ -195,14 +196,14 @@ def _flat_like(tree: PyTree, reference: PyTree, what: str, reference_what: str =
     """``tree`` flattened, if it has exactly the leaf paths of ``reference`` (a mask from another model,
     or params instead of a mask, would otherwise fail deep inside jax or with a bare KeyError)."""
     if not isinstance(tree, Mapping) or not isinstance(reference, Mapping):
-        raise ValueError(f"{what} and {reference_what} must be dicts shaped like params, "
+        raise UserError(f"{what} and {reference_what} must be dicts shaped like params, "
                          f"got {type(tree).__name__} and {type(reference).__name__}")
     flat, expected = traverse_util.flatten_dict(tree), traverse_util.flatten_dict(reference)
     if flat.keys() != expected.keys():
         missing, extra = sorted(expected.keys() - flat.keys()), sorted(flat.keys() - expected.keys())
         where = (f"{'/'.join(missing[0])} is in {reference_what} but not in {what}" if missing
                  else f"{'/'.join(extra[0])} is in {what} but not in {reference_what}")
-        raise ValueError(f"{what} does not match {reference_what} ({len(missing)} leaves missing, {len(extra)} extra): "
+        raise UserError(f"{what} does not match {reference_what} ({len(missing)} leaves missing, {len(extra)} extra): "
                          f"{where}; built for another model?")
     return flat
 
@@ -211,7 +212,7 @@ def _check_bools(flat: dict[Path, Any], what: str) -> None:
     """Mask leaves are Python/NumPy bools: an array there means params were passed instead of a mask."""
     for path, leaf in flat.items():
         if not isinstance(leaf, bool | np.bool_):
-            raise ValueError(f"{what} leaves must be bools (True = trainable), got {type(leaf).__name__} at "
+            raise UserError(f"{what} leaves must be bools (True = trainable), got {type(leaf).__name__} at "
                              f"{'/'.join(path)}; pass a mask from trainable_mask or head_mask, not params")
 
 
@@ -222,7 +223,7 @@ def _check_mult(mult: Any, where: str) -> None:
     except (TypeError, ValueError):
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"learning-rate multipliers must be > 0 and finite, got {mult!r} for {where} "
+        raise UserError(f"learning-rate multipliers must be > 0 and finite, got {mult!r} for {where} "
                          "(freeze those parameters instead)")
 
 
@@ -230,7 +231,7 @@ def _flat_head(name: str, flat: dict[Path, Any]) -> dict[Path, bool]:
     spec = get_spec(name)
     classifier, *others = [tuple(module.split("/")) for module in spec.head]
     if not any(path[:len(classifier)] == classifier for path in flat):
-        raise ValueError(f"{name}: parameters have no classifier {spec.classifier!r}; "
+        raise UserError(f"{name}: parameters have no classifier {spec.classifier!r}; "
                          f"top-level modules: {', '.join(_top_level(flat))}")
     return {path: any(path[:len(m)] == m for m in (classifier, *others)) for path in flat}
 
@@ -261,9 +262,9 @@ def _parse_freeze(freeze: str | Sequence[str]) -> list[str]:
     items = freeze.split(",") if isinstance(freeze, str) else list(freeze)
     patterns = [item.strip().replace(".", "/").strip("/") for item in items]
     if not patterns or not all(patterns):
-        raise ValueError(f"freeze {_as_text(freeze)!r}: empty pattern; use 'none', 'backbone' or module paths")
+        raise UserError(f"freeze {_as_text(freeze)!r}: empty pattern; use 'none', 'backbone' or module paths")
     if NO_FREEZE in patterns and len(patterns) > 1:
-        raise ValueError(f"freeze {_as_text(freeze)!r}: 'none' cannot be combined with other patterns")
+        raise UserError(f"freeze {_as_text(freeze)!r}: 'none' cannot be combined with other patterns")
     return patterns
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 import torchvision
 
-from jaxnets import benchmark, get_spec
+from jaxnets import get_spec
+from jaxnets.benchmark import models as benchmark
 
 TINY = dict(batch_size=2, image_size=32)
 

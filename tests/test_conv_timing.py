@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jaxnets import benchmark, conv_timing, list_models
+from jaxnets import list_models
+from jaxnets.benchmark import conv_timing
+from jaxnets.benchmark import models as benchmark
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -205,8 +205,8 @@ def reinitialize_head(name: ModelRef, variables: Mapping[str, Any], num_classes:
 def _build(spec: ModelSpec, weights_file: WeightsFile, num_classes: int, dtype: Any, rng: int | jax.Array,
            options: Mapping[str, Any], *, new_task: bool) -> tuple[nn.Module, dict[str, Any], list[str]]:
     """The model ``weights_file`` (of ``spec``) describes, with ``options`` over its recorded ones, and its
-    fitted variables."""
-    options = {**weights_file.model_options, **options}
+    fitted variables. The recorded options are JSON: the schema gives them back their types (tuples)."""
+    options = {**spec.check_options(weights_file.model_options, where=f"{weights_file.path}: "), **options}
     model = spec.create(num_classes, dtype, **options)
     variables, renewed = _renew_head(spec, model, weights_file.variables, num_classes, options, rng,
                                      new_task=new_task, where=f"{weights_file.path}: {spec.name}")

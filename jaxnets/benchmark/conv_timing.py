@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnets import host, layers
-from jaxnets.benchmark import num_threads, time_calls, torchvision_model
+from jaxnets.benchmark.timing import num_threads, time_calls, torchvision_model
+from jaxnets.errors import UserError
 
 
 class ConvLayer(NamedTuple):
@@ -86,7 +87,7 @@ def conv_layers(name: str, batch_size: int, image_size: int) -> list[ConvLayer]:
 
 def _jax_module(layer: ConvLayer) -> layers.Conv2d:
     if layer.stride[0] != layer.stride[1] or layer.padding[0] != layer.padding[1]:
-        raise ValueError(f"{layer.describe()}: layers.Conv2d takes square strides and paddings only")
+        raise UserError(f"{layer.describe()}: layers.Conv2d takes square strides and paddings only")
     return layers.Conv2d(layer.features, layer.kernel_size, layer.stride[0], layer.padding[0], layer.groups,
                          use_bias=layer.bias)
 

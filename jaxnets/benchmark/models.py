@@ -39,15 +39,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import host, parallel, training, transfer
+from jaxnets import errors, host, parallel, training, transfer
+from jaxnets.benchmark import conv_timing
+from jaxnets.benchmark.timing import num_threads, time_interleaved, torchvision_model
 from jaxnets.config import check_image_size
+from jaxnets.errors import UserError
+from jaxnets.models.googlenet import AUX_WEIGHT
 from jaxnets.registry import create_model, get_spec, list_models
+
+# What error lines start with and the report's command line names when no entry point says otherwise
+# (``jaxnets.benchmark.__main__`` passes the command the user ran).
+PROG = "python -m jaxnets.benchmark"
 
 MODES = ("train", "infer", "probe")
 MODE_CHOICES = {"train": ("train",), "infer": ("infer",), "probe": ("probe",),
                 "both": ("train", "infer"), "all": MODES}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-AUX_LOSS_WEIGHT = 0.3  # torchvision's reference recipe for GoogLeNet's auxiliary heads
 # XLA flags the benchmark sets before JAX starts its backend. None, on measurement: on XLA:CPU
 # (jax 0.10) --xla_cpu_use_onednn, --xla_cpu_use_xnnpack, --xla_cpu_enable_fast_math and
 # --xla_cpu_use_fusion_emitters=false left a ResNet-50 training step's CPU time within 5% (noise).
@@ -66,11 +73,6 @@ def configure_xla_flags(flags: Sequence[str] = CPU_XLA_FLAGS) -> None:
         os.environ["XLA_FLAGS"] = " ".join([current, *missing]).strip()
 
 
-def num_threads() -> int:
-    """Cores this process may run on: XLA's CPU thread pool size, and what torch is given."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def device_description() -> str:
     device = jax.devices()[0]
     if device.platform != "cpu":
@@ -85,19 +87,7 @@ def device_description() -> str:
     return f"{cpu}, {num_threads()} cores"
 
 
-# --- timing -------------------------------------------------------------------------------
-
-
-def time_calls(fn: Callable[[], Any], warmup: int, iters: int) -> list[float]:
-    """Seconds per call of ``fn`` (which must block until its work is done), after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+# --- yardsticks ------------------------------------------------------------------------------
 
 
 def matmul_probe(dtype: Any = jnp.float32, size: int | None = None) -> tuple[Callable[[], Any], float]:
@@ -181,7 +171,7 @@ def setup_jax(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtyp
                                             frozen_norm=transfer.frozen_modules(name, mask), trainable_mask=mask)
     else:
         state = training.create_train_state(model, variables, sgd, mesh, seed=1)
-    step = training.make_train_step(mesh, aux_weight=AUX_LOSS_WEIGHT)
+    step = training.make_train_step(mesh, aux_weight=AUX_WEIGHT)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -194,13 +184,6 @@ def setup_jax(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtyp
 
 
 # --- torchvision steps -----------------------------------------------------------------------
-
-
-def torchvision_model(name: str) -> Any:
-    """torchvision's ``name`` with random weights (GoogLeNet told to initialize, which silences its warning)."""
-    import torchvision
-
-    return torchvision.models.get_model(name, weights=None, **({"init_weights": True} if name == "googlenet" else {}))
 
 
 def setup_torch(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtype: str,
@@ -235,7 +218,7 @@ def setup_torch(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dt
     def loss_fn(outputs):
         if isinstance(outputs, tuple):  # GoogLeNetOutputs(logits, aux_logits2, aux_logits1)
             main, aux2, aux1 = outputs
-            return loss_fn(main) + AUX_LOSS_WEIGHT * (loss_fn(aux1) + loss_fn(aux2))
+            return loss_fn(main) + AUX_WEIGHT * (loss_fn(aux1) + loss_fn(aux2))
         return torch.nn.functional.cross_entropy(outputs.float(), y)
 
     def train():
@@ -321,19 +304,6 @@ class Result:
         return data
 
 
-def time_interleaved(fns: Sequence[Callable[[], Any]], warmup: int, iters: int) -> list[list[float]]:
-    """Seconds of each timed call of each of ``fns``, calling them in turn, so that a machine whose load
-    changes during the run (shared CI, other jobs) slows all of them alike and their ratio holds."""
-    times: list[list[float]] = [[] for _ in fns]
-    for i in range(warmup + iters):
-        for fn, fn_times in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            if i >= warmup:
-                fn_times.append(time.perf_counter() - start)
-    return times
-
-
 def step_memory(compiled: Any) -> int | None:
     """Bytes XLA allocates for one step: arguments, outputs and temporaries (donated buffers counted once)."""
     try:
@@ -352,9 +322,9 @@ def benchmark_model(name: str, mode: str, batch_size: int, image_size: int, dtyp
     """Time ``mode`` ('train', 'infer' or 'probe') for jaxnets, for torchvision when compared, and a
     ``peak_size`` square matmul (the peak), taking turns in one process."""
     if mode not in MODES:
-        raise ValueError(f"--mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        raise UserError(f"--mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype: unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype: unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     images, labels = synthetic_batch(batch_size, image_size)
     setup = setup_jax(name, mode, images, labels, DTYPES[dtype])
     matmul, matmul_flops = matmul_probe(DTYPES[dtype], peak_size)
@@ -449,7 +419,7 @@ def input_pipeline_throughput(data_dir: str | os.PathLike | None = None, batch_s
         root = data_dir or write_image_folder(tmp, size=image_size)
         dataset = load_dataset(DataConfig(dataset=os.fspath(root), image_size=image_size, batch_size=batch_size))
         if dataset.steps_per_epoch < 1:
-            raise ValueError(f"--data-dir: {root} has {len(dataset.train)} training images, fewer than a batch "
+            raise UserError(f"--data-dir: {root} has {len(dataset.train)} training images, fewer than a batch "
                              f"of {batch_size}")
         for _ in dataset.train_batches(epoch=0):
             pass
@@ -520,8 +490,10 @@ def report(results: Sequence[Result], context: dict) -> str:
 # --- command line ------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jaxnets.benchmark", description=__doc__.split("\n\n")[0],
+def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.Namespace:
+    """The flags, every one checked here, so that a mistake is argparse's one line (exit status 2) before
+    minutes of timing, never after."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50", help="model name (see jaxnets.list_models())")
     parser.add_argument("--all", action="store_true", help="every registered model; writes --output")
@@ -551,7 +523,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "retain_freed_memory, which spares XLA:CPU and torch the page faults of fresh buffers)")
     parser.add_argument("--conv-layers", action="store_true",
                         help="instead of whole steps, time each convolution of the model alone, forward and "
-                             "backward, in jaxnets and torch (jaxnets.conv_timing)")
+                             "backward, in jaxnets and torch (jaxnets.benchmark.conv_timing)")
     parser.add_argument("--first-step", action="store_true", help=argparse.SUPPRESS)  # child of the cache check
     args = parser.parse_args(argv)
     for flag in ("batch_size", "image_size", "iters"):
@@ -578,7 +550,7 @@ def _check_image_size(parser: argparse.ArgumentParser, name: str, image_size: in
     too, so this holds for ``--conv-layers`` as well."""
     try:
         check_image_size(name, image_size)
-    except ValueError as error:
+    except UserError as error:
         parser.error(str(error))
 
 
@@ -595,8 +567,16 @@ def _unwritable(path: Path) -> str | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
+    """Run the benchmark; the exit status. ``prog`` is the command as the user ran it: it starts error lines
+    and the report's ``Command:`` line. A user error or an ``OSError`` met while timing is one line and
+    status 1; anything else is a bug and keeps its traceback (``jaxnets.errors.run_cli``)."""
+    args = parse_args(argv, prog)
+    command = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
+    return errors.run_cli(prog, lambda: _run(args, command, prog))
+
+
+def _run(args: argparse.Namespace, command: str, prog: str) -> int:
     configure_xla_flags()  # before anything below starts JAX's backend
     # Both libraries run under the same allocator settings: the comparison stays fair either way.
     retained = not args.system_malloc and host.retain_freed_memory()
@@ -608,16 +588,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     models = list_models() if args.all else [args.model]
     if args.conv_layers:
-        return _conv_layers(models, args)
+        return _conv_layers(models, args, prog)
     if args.compare_torch:
         import torchvision  # noqa: F401  before TensorFlow (the input pipeline): the other order segfaults
     pipeline = None
     if not args.skip_input_pipeline:  # first: a folder it cannot read fails before minutes of model timing
-        try:
-            pipeline = input_pipeline_throughput(args.data_dir, args.batch_size)
-        except ValueError as error:  # jaxnets.data.DataError
-            print(f"python -m jaxnets.benchmark: error: {error}", file=sys.stderr)
-            return 1
+        pipeline = input_pipeline_throughput(args.data_dir, args.batch_size)
     modes = MODE_CHOICES[args.mode]
     results = []
     for name in models:
@@ -632,8 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = [dataclasses.replace(r, peak_flops=peak_flops) for r in results]
     memory_bytes, memory_source = peak_memory()
     context = {"date": time.strftime("%Y-%m-%d"), "device": device_description(), "dtype": args.dtype,
-               "command": " ".join(["python -m jaxnets.benchmark", *(argv if argv is not None else sys.argv[1:])]),
-               "peak_flops": peak_flops,
+               "command": command, "peak_flops": peak_flops,
                "memory_bytes": memory_bytes, "memory_source": memory_source,
                "model": args.model, "cache_mode": modes[0], "retain_freed_memory": retained,
                "allocator": host.allocator_description(retained)}
@@ -648,36 +623,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = report(results, context)
     print("\n" + text)
     data = json.dumps({"context": context, "results": [r.as_dict() for r in results]}, indent=2)
-    written = [_write("--output", args.output, text + "\n"), _write("--json", args.json, data)]
+    written = [_write(prog, "--output", args.output, text + "\n"), _write(prog, "--json", args.json, data)]
     return 0 if all(written) else 1
 
 
-def _write(flag: str, path: Path | None, text: str) -> bool:
+def _write(prog: str, flag: str, path: Path | None, text: str) -> bool:
     """Write ``text`` to ``path`` (if given); a failure (checked up front, so rare: a full disk) is one
-    line on stderr, not a traceback, and the report already printed stays the run's result."""
+    line on stderr, and the report already printed, and the other file, stay the run's result."""
     if path is None:
         return True
     try:
         path.write_text(text, encoding="utf-8")
     except OSError as error:
-        print(f"python -m jaxnets.benchmark: error: {flag}: cannot write {path}: {error.strerror or error}",
-              file=sys.stderr)
+        print(f"{prog}: error: {flag}: cannot write {path}: {error.strerror or error}", file=sys.stderr)
         return False
     return True
 
 
-def _conv_layers(models: Sequence[str], args: argparse.Namespace) -> int:
-    from jaxnets import conv_timing
-
+def _conv_layers(models: Sequence[str], args: argparse.Namespace, prog: str) -> int:
     tables = []
     for name in models:
         timings = conv_timing.time_conv_layers(name, args.batch_size, args.image_size, args.warmup, args.iters)
         tables.append(conv_timing.conv_table(name, timings))
         print(tables[-1] + "\n", flush=True)
-    return 0 if _write("--output", args.output, "\n\n".join(tables) + "\n") else 1
-
-
-if __name__ == "__main__":
-    if "--system-malloc" not in sys.argv[1:]:
-        host.use_tcmalloc()  # restarts this command on tcmalloc where the system has it
-    sys.exit(main())
+    return 0 if _write(prog, "--output", args.output, "\n\n".join(tables) + "\n") else 1
