@@ -22,10 +22,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from jaxnets.errors import UserError
+from jaxnets.errors import UserError, first_line
 
 BEST_METRIC = "top1"
 DIGEST_KEY = "state_crc32"
+# What makes a run resumable, recorded in each checkpoint's ``meta``: the settings a resumed run must share with
+# it (anything else changes what a step means: the model, the data, how it is batched; or the optimizer state's
+# structure: which parameters train, how their updates are transformed), the steps per epoch (the step counts
+# epochs and places the data), and the optimizer state's layout (2: --grad-clip outside the parameter groups).
+RESUME_KEYS = ("model", "dataset", "classes", "image_size", "batch_size", "seed", "no_aux", "num_classes",
+               "val_fraction", "optimizer", "grad_clip", "freeze", "backbone_lr_mult", "layer_decay")
+OPTIMIZER_LAYOUT = 2
 
 
 class CheckpointError(UserError):
@@ -43,6 +50,29 @@ def state_digest(state: Any) -> int | None:
             leaf = leaf.addressable_data(0)
         crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).view(np.uint8), crc)
     return crc
+
+
+def resume_record(config: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
+    """The ``meta`` a checkpoint of the run with resolved settings ``config`` (as JSON) is saved with."""
+    return {"config": config, "steps_per_epoch": steps_per_epoch, "optimizer_layout": OPTIMIZER_LAYOUT}
+
+
+def resume_problem(saved: dict[str, Any], current: dict[str, Any], *, layout_matters: bool) -> str | None:
+    """Why a checkpoint saved with ``meta`` ``saved`` cannot be resumed by the run whose ``resume_record`` is
+    ``current`` (None when it can). ``layout_matters``: this run's optimizer state has a layout that changed
+    (--grad-clip with parameter groups); a checkpoint that predates the layout record has the old one."""
+    saved_config, config = saved.get("config", {}), current["config"]
+    for key in RESUME_KEYS:
+        if key in saved_config and saved_config[key] != config[key]:
+            return f"{key}={saved_config[key]!r} (this run: {config[key]!r})"
+    saved_steps, steps = saved.get("steps_per_epoch", current["steps_per_epoch"]), current["steps_per_epoch"]
+    if saved_steps != steps:
+        return (f"{saved_steps} steps per epoch (this run: {steps}; the dataset, or the number of processes "
+                f"sharing it, changed)")
+    if layout_matters and saved.get("optimizer_layout", 1) != current["optimizer_layout"]:
+        return ("its optimizer state has an older jaxnets' layout (whose --grad-clip clipped each learning-rate "
+                "group on its own)")
+    return None
 
 
 class _MissingMetricsFilter(logging.Filter):
@@ -117,8 +147,7 @@ class Checkpointer:
     def _unreadable(self, step: int, reason: Any) -> CheckpointError:
         """A one-line error naming the checkpoint, why, and what to do (resume from an older one)."""
         if isinstance(reason, BaseException):
-            text = str(reason).strip()
-            reason = text.splitlines()[0] if text else type(reason).__name__
+            reason = first_line(reason)
         older = [s for s in self.manager.all_steps() if s < step]
         remedy = (f"delete {self.directory / str(step)} to resume from step {max(older)}" if older
                   else "use another --workdir")

@@ -4,16 +4,20 @@ filled in before the run starts, so ``config.json`` records what actually ran.""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jaxnets.data import DIGITS, DataConfig
-from jaxnets.errors import UserError
-from jaxnets.registry import get_spec
+from jaxnets.data import DIGITS, DataConfig, parse_classes
+from jaxnets.errors import UserError, is_int
+from jaxnets.models.googlenet import AUX_WEIGHT
+from jaxnets.registry import ModelRef, ModelSpec, get_spec
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
@@ -21,66 +25,161 @@ DTYPES = ("float32", "bfloat16")
 # The learning rate is given for a global batch of this many images and scaled linearly with the
 # batch size (Goyal et al. 2017, "Accurate, Large Minibatch SGD"; as flax's imagenet example).
 LR_REFERENCE_BATCH = 256
-# Settings a resumed run must share with the checkpoint it resumes: anything else changes what a
-# step means (the model, the data, how it is batched) or the optimizer state's structure (which
-# parameters train, how their updates are transformed) and would make the resumed run a different run.
-RESUME_KEYS = ("model", "dataset", "classes", "image_size", "batch_size", "seed", "no_aux", "num_classes",
-               "val_fraction", "optimizer", "grad_clip", "freeze", "backbone_lr_mult", "layer_decay")
+
+
+
+@dataclass(frozen=True)
+class ByDataset:
+    """A default that depends on the dataset: the embedded digits (small, fast) or any other."""
+
+    digits: Any
+    other: Any
+
+    def pick(self, config: TrainConfig) -> Any:
+        return self.digits if config.dataset == DIGITS else self.other
+
+    def __str__(self) -> str:
+        return f"{self.digits} on digits, else {self.other}"
+
+
+@dataclass(frozen=True)
+class ByOptimizer:
+    """A default that depends on ``--optimizer`` (and, through a ``ByDataset`` value, on the dataset)."""
+
+    sgd: Any
+    adamw: Any
+
+    def pick(self, config: TrainConfig) -> Any:
+        value = getattr(self, config.optimizer)
+        return value.pick(config) if isinstance(value, ByDataset) else value
+
+    def __str__(self) -> str:
+        return f"sgd: {self.sgd}; adamw: {self.adamw}"
+
+
+DATA, OPTIMIZATION, TRANSFER, RUN = "model and data", "optimization", "transfer learning", "run, devices and hosts"
+
+
+def setting(default: Any = None, help: str | Callable[[], str] = "", *, group: str | None,
+            auto: ByDataset | ByOptimizer | None = None, **argparse: Any) -> Any:
+    """A ``TrainConfig`` field with what its command-line flag needs: the help text, the flag group
+    (``None``: no flag), the default resolved from the model or the data when the field is None (``auto``),
+    and argparse keywords the field's type does not imply (choices, nargs, a parser for the text)."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, "auto": auto,
+                                                        "argparse": argparse})
+
+
+def _model_names() -> str:
+    from jaxnets.registry import list_models
+
+    return f"one of: {', '.join(list_models())}"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of ``train.py``; ``None`` means "resolved from the model and the dataset"."""
+    """Every setting of ``train.py``, one flag each (``--batch-size`` for ``batch_size``); ``None`` means
+    "resolved from the model and the dataset" (``resolve``)."""
 
-    model: str = "resnet34"
-    dataset: str = DIGITS
-    data_dir: str | None = None
-    workdir: str | None = None  # default runs/<model>-<dataset>
-    image_size: int | None = None  # digits: 16 (VGG 32, AlexNet 64); else the weights' crop size (224)
-    batch_size: int | None = None  # global, over all devices and processes; digits 32, else 128
-    eval_batch_size: int | None = None  # default batch_size
-    epochs: int | None = None  # digits: 12; else 90
-    steps: int | None = None  # stop after this many steps in total (smoke runs); the schedule still spans epochs
-    optimizer: str = "sgd"
-    lr: float | None = None  # per LR_REFERENCE_BATCH images; sgd 0.1, adamw 1e-3
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float | None = None  # sgd 1e-4 (5e-4 on digits), adamw 0.05
-    schedule: str = "cosine"
-    warmup_epochs: float | None = None  # digits: 1; else 5
-    step_epochs: tuple[int, ...] = (30, 60, 80)  # --schedule step: decay by step_gamma at these epochs
-    step_gamma: float = 0.1
-    label_smoothing: float = 0.0
-    grad_clip: float | None = None  # max global gradient norm
-    dtype: str = "float32"  # compute dtype; parameters and loss stay float32
-    aux_weight: float = 0.3  # GoogLeNet: loss = main + aux_weight * (aux1 + aux2)
-    no_aux: bool = False  # GoogLeNet without auxiliary heads
-    seed: int = 0
-    val_fraction: float = 0.2
-    classes: tuple[int, ...] | None = None
-    min_crop_scale: float | None = None  # RandomResizedCrop scale=(min, 1); digits 0.9, else 0.08
-    hflip: bool | None = None  # digits: False (digits are not mirror-symmetric); else True
-    pretrained: str | None = None  # 'default' (torchvision's weights) or a weights file
-    freeze: str = "none"
-    backbone_lr_mult: float = 1.0
-    layer_decay: float = 1.0  # layer-wise LR decay: last backbone block x decay, the one before x decay**2, ...
-    linear_probe: str | None = None  # 'svm' | 'logreg': fit a linear classifier on frozen features instead
-    devices: int | None = None  # default: all devices
-    log_every: int = 10
-    checkpoint_every: int = 0  # steps; 0 = at the end of every epoch only
-    keep_checkpoints: int = 3  # the last N, plus the best validation top-1
-    progress: bool = True
-    compile_cache: str | None = None  # default ~/.cache/jaxnets/jax_compilation_cache; '' disables
-    coordinator: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    num_classes: int | None = None  # set from the dataset
+    # model and data
+    model: str = setting("resnet34", _model_names, group=DATA)
+    dataset: str = setting(DIGITS, "'digits' (embedded), a TFDS name (tf_flowers, imagenette, cifar10, "
+                                   "imagenet2012, ...), or a folder of class subfolders (with train/ and val/ "
+                                   "when present)", group=DATA)
+    data_dir: str | None = setting(None, "TFDS data dir (imagenet2012: put the tars in DATA_DIR/downloads/manual)",
+                                   group=DATA)
+    image_size: int | None = setting(None, "training/eval crop size (default on digits: 16, VGG 32, AlexNet 64; "
+                                           "else the weights' 224)", group=DATA)
+    classes: tuple[int, ...] | None = setting(None, "keep only these labels, remapped to 0..k-1: 0,1,2,3,4 or 5-9",
+                                              group=DATA, type=parse_classes)
+    val_fraction: float = setting(0.2, "held-out fraction of train when there is no validation split", group=DATA)
+    min_crop_scale: float | None = setting(None, "RandomResizedCrop minimal area", group=DATA,
+                                           auto=ByDataset(0.9, 0.08))
+    hflip: bool | None = setting(None, "random horizontal flips (digits are not mirror-symmetric)", group=DATA,
+                                 auto=ByDataset(False, True))
+    dtype: str = setting("float32", "compute dtype (parameters and the loss stay float32)", group=DATA,
+                         choices=DTYPES)
+    no_aux: bool = setting(False, "GoogLeNet without its auxiliary heads", group=DATA)
+    aux_weight: float = setting(AUX_WEIGHT, "GoogLeNet: loss = main + w * (aux1 + aux2), as in the paper",
+                                group=DATA)
+    # optimization
+    epochs: int | None = setting(None, "", group=OPTIMIZATION, auto=ByDataset(12, 90))
+    steps: int | None = setting(None, "stop after this many steps in total (smoke runs); the schedule still "
+                                      "spans --epochs", group=OPTIMIZATION)
+    batch_size: int | None = setting(None, "global batch over all devices and processes", group=OPTIMIZATION,
+                                     auto=ByDataset(32, 128))
+    eval_batch_size: int | None = setting(None, "global eval batch (default: --batch-size)", group=OPTIMIZATION)
+    optimizer: str = setting("sgd", "", group=OPTIMIZATION, choices=OPTIMIZERS)
+    lr: float | None = setting(None, f"learning rate per {LR_REFERENCE_BATCH} images, scaled by "
+                                     f"batch/{LR_REFERENCE_BATCH}", group=OPTIMIZATION,
+                               auto=ByOptimizer(sgd=0.1, adamw=1e-3))
+    momentum: float = setting(0.9, "", group=OPTIMIZATION)
+    nesterov: bool = setting(False, "", group=OPTIMIZATION)
+    weight_decay: float | None = setting(None, "not applied to biases and BatchNorm", group=OPTIMIZATION,
+                                         auto=ByOptimizer(sgd=ByDataset(5e-4, 1e-4), adamw=0.05))
+    schedule: str = setting("cosine", "", group=OPTIMIZATION, choices=SCHEDULES)
+    warmup_epochs: float | None = setting(None, "linear warmup", group=OPTIMIZATION, auto=ByDataset(1.0, 5.0))
+    step_epochs: tuple[int, ...] = setting((30, 60, 80), "--schedule step: multiply the lr by --step-gamma at "
+                                                         "these epochs", group=OPTIMIZATION)
+    step_gamma: float = setting(0.1, "", group=OPTIMIZATION)
+    label_smoothing: float = setting(0.0, "", group=OPTIMIZATION)
+    grad_clip: float | None = setting(None, "clip the global norm of the trainable gradients", group=OPTIMIZATION)
+    seed: int = setting(0, "initialization, data order, augmentation", group=OPTIMIZATION)
+    # transfer learning
+    pretrained: str | None = setting(None, "start from torchvision's ImageNet weights, or from FILE; the "
+                                           "classifier is re-initialized", group=TRANSFER, nargs="?",
+                                     const="default", metavar="FILE")
+    freeze: str = setting("none", "none | backbone | parameter path patterns: conv1,layer1", group=TRANSFER)
+    backbone_lr_mult: float = setting(1.0, "learning rate of the backbone relative to the head (discriminative "
+                                           "fine-tuning)", group=TRANSFER)
+    layer_decay: float = setting(1.0, "layer-wise learning-rate decay: the backbone's last block learns at "
+                                      "lr x D, the one before at lr x D^2, ... down to the stem (e.g. 0.8)",
+                                 group=TRANSFER)
+    linear_probe: str | None = setting(None, "no training: fit a linear classifier on the frozen model's features",
+                                       group=TRANSFER, choices=("svm", "logreg"))
+    # run, devices and hosts
+    workdir: str | None = setting(None, "checkpoints, logs, plots, final weights; the same workdir resumes "
+                                        "(default runs/<model>-<dataset>)", group=RUN)
+    devices: int | None = setting(None, "use the first N devices (default: all)", group=RUN)
+    log_every: int = setting(10, "steps between logged train metrics", group=RUN)
+    checkpoint_every: int = setting(0, "steps between checkpoints (0: at the end of each epoch only)", group=RUN)
+    keep_checkpoints: int = setting(3, "the last N are kept, plus the best validation top-1", group=RUN)
+    progress: bool = setting(True, "progress bars", group=RUN)
+    compile_cache: str | None = setting(None, "persistent compilation cache dir ('' disables; default "
+                                              "~/.cache/jaxnets/jax_compilation_cache)", group=RUN)
+    coordinator: str | None = setting(None, "host:port of process 0, for a multi-process run without a cluster "
+                                            "manager", group=RUN)
+    num_processes: int | None = setting(None, "", group=RUN)
+    process_id: int | None = setting(None, "", group=RUN)
+    num_classes: int | None = setting(None, "set from the dataset", group=None)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
+    @classmethod
+    def settings_from_json(cls, text: str, where: str) -> dict[str, Any]:
+        """The settings a ``config.json`` (``to_json``'s) records, each checked against its field's type:
+        what ``train.py --config FILE`` starts from. ``where`` (the file) prefixes the errors."""
+        try:
+            recorded = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{where}: not JSON ({error})") from None
+        if not isinstance(recorded, dict):
+            raise UserError(f"{where}: expected a JSON object of settings, got {type(recorded).__name__}")
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(recorded) - set(hints))
+        if unknown:
+            raise UserError(f"{where}: unknown setting {unknown[0]!r}; settings are TrainConfig's fields "
+                            f"({', '.join(sorted(hints))})")
+        return {key: _typed(value, hints[key], f"{where}: {key}") for key, value in recorded.items()}
+
+    @functools.cached_property
+    def spec(self) -> ModelSpec:
+        """The model's description (the registry's), looked up once: what the run passes down instead of
+        the name, so nothing on its way looks the name up again."""
+        return get_spec(self.model)
+
     def data_config(self) -> DataConfig:
-        transforms = get_spec(self.model).weights.transforms
+        transforms = self.spec.weights.transforms
         return DataConfig(
             dataset=self.dataset, data_dir=self.data_dir, image_size=self.image_size,
             mean=transforms.mean, std=transforms.std, batch_size=self.batch_size,
@@ -90,7 +189,7 @@ class TrainConfig:
 
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill in the defaults that depend on the model and the dataset; check the choices."""
-    spec = get_spec(config.model)  # raises for an unknown model
+    spec = config.spec  # raises for an unknown model
     _check_choice("--optimizer", config.optimizer, OPTIMIZERS)
     _check_choice("--schedule", config.schedule, SCHEDULES)
     _check_choice("--dtype", config.dtype, DTYPES)
@@ -101,36 +200,30 @@ def resolve(config: TrainConfig) -> TrainConfig:
         image_size = 16 * math.ceil(max(16, *spec.weights.min_size) / 16)
     else:
         image_size = spec.weights.transforms.crop_size
-    check_image_size(config.model, image_size)
+    check_image_size(spec, image_size)
     for flag, value in (("--dataset", config.dataset), ("--workdir", config.workdir)):
         if value is not None and not value.strip():
             raise UserError(f"{flag} is empty")
-    adamw = config.optimizer == "adamw"
-    batch_size = _default(config.batch_size, 32 if digits else 128)
+    auto = {f.name: f.metadata["auto"].pick(config) for f in dataclasses.fields(config)
+            if f.metadata.get("auto") is not None and getattr(config, f.name) is None}
+    resolved = dataclasses.replace(config, **auto, image_size=image_size)
     resolved = dataclasses.replace(
-        config,
+        resolved,
         workdir=_default(config.workdir, str(Path("runs") / f"{config.model}-{Path(config.dataset).name or 'data'}")),
-        image_size=image_size,
-        batch_size=batch_size,
-        eval_batch_size=_default(config.eval_batch_size, batch_size),
-        epochs=_default(config.epochs, 12 if digits else 90),
-        lr=_default(config.lr, 1e-3 if adamw else 0.1),
-        weight_decay=_default(config.weight_decay, 0.05 if adamw else (5e-4 if digits else 1e-4)),
-        warmup_epochs=_default(config.warmup_epochs, 1.0 if digits else 5.0),
-        min_crop_scale=_default(config.min_crop_scale, 0.9 if digits else 0.08),
-        hflip=_default(config.hflip, not digits),
+        eval_batch_size=_default(config.eval_batch_size, resolved.batch_size),
     )
     _check_ranges(resolved)
     if spec.family != "googlenet" and resolved.no_aux:
         raise UserError(f"--no-aux: {config.model} has no auxiliary heads (GoogLeNet only)")
-    return resolved
+    return config if resolved == config else resolved  # a resolved config is its own resolution (spec kept)
 
 
-def check_image_size(model: str, image_size: int) -> None:
+def check_image_size(model: ModelRef, image_size: int) -> None:
     """``--image-size`` against the model's minimum input (below it an internal feature map is empty)."""
-    minimum = max(get_spec(model).weights.min_size)
+    spec = get_spec(model)
+    minimum = max(spec.weights.min_size)
     if image_size < minimum:
-        raise UserError(f"--image-size {image_size}: {model} needs at least {minimum} px")
+        raise UserError(f"--image-size {image_size}: {spec.name} needs at least {minimum} px")
 
 
 def peak_learning_rate(config: TrainConfig) -> float:
@@ -138,13 +231,25 @@ def peak_learning_rate(config: TrainConfig) -> float:
     return config.lr * config.batch_size / LR_REFERENCE_BATCH
 
 
-def resume_mismatch(saved: dict[str, Any], config: TrainConfig) -> str | None:
-    """Why a checkpointed run cannot be resumed with ``config`` (None when it can)."""
-    current = json.loads(config.to_json())
-    for key in RESUME_KEYS:
-        if key in saved and saved[key] != current[key]:
-            return f"{key}={saved[key]!r} (this run: {current[key]!r})"
-    return None
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` (from JSON) as the field type ``hint`` wants it (a list becomes a tuple), or a UserError."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and is_int(value):
+            return value
+        if option is float and (is_int(value) or isinstance(value, float)):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if typing.get_origin(option) is tuple and isinstance(value, list) and all(is_int(v) for v in value):
+            return tuple(value)
+    names = {type(None): "null", bool: "bool", int: "int", float: "number", str: "str"}
+    expected = " or ".join(names.get(o, "list of int") for o in options)
+    raise UserError(f"{where} must be {expected}, got {json.dumps(value)}")
 
 
 def _default(value: Any, default: Any) -> Any:

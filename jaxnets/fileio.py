@@ -1,8 +1,10 @@
-"""Writing files so that a crash never leaves one half-written: the one place that does it.
+"""Writing files so that a crash never leaves one half-written, and a failed write says where and why.
 
 Every file jaxnets writes for a user to keep (weights, ``config.json``, ``metrics.jsonl`` snapshots, plots)
 goes through ``atomic_path``: written next to its destination under a temporary name, flushed to disk, then
-renamed over it, so readers see the old file or the new one, never a mix.
+renamed over it, so readers see the old file or the new one, never a mix. A write the storage refuses (a
+full disk, no permission, a read-only or vanished directory, an I/O error) is a ``StorageError`` naming the
+path and the cause in one line.
 """
 
 from __future__ import annotations
@@ -13,24 +15,53 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from jaxnets.errors import UserError
+
+
+class StorageError(UserError):
+    """The storage refused a write: the message names the path and the cause (``no space left on device``);
+    ``errno`` is the system's code (``errno.ENOSPC``), None when the cause came without one."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+def describe_os_error(error: OSError) -> str:
+    """``no space left on device``: the cause in the words of the system, without errno numbers or paths."""
+    return os.strerror(error.errno).lower() if error.errno else (str(error) or type(error).__name__)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """An ``OSError`` of the block as a ``StorageError`` naming ``path`` (and ``what`` it is)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as error:
+        label = f"{what} {path}" if what else str(path)
+        raise StorageError(f"could not write {label}: {describe_os_error(error)}", error.errno) from error
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success, fsync it and rename it over ``path``.
     A crash or an exception leaves ``path`` as it was, never half-written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

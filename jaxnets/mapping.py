@@ -117,12 +117,12 @@ def torch_key(module_path: str, flax_leaf: str) -> str:
 
 def variable_shapes(model: ModelRef, **options: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flax variable path -> shape for ``create_model(model, **options)``, without computing anything."""
-    return dict(_variable_shapes(get_spec(model).name, tuple(sorted(options.items()))))
+    return dict(_variable_shapes(get_spec(model), tuple(sorted(options.items()))))
 
 
 @lru_cache(maxsize=64)
-def _variable_shapes(name: str, options: tuple[tuple[str, Any], ...]) -> tuple[tuple[tuple[str, ...], tuple], ...]:
-    spec = get_spec(name)
+def _variable_shapes(spec: ModelSpec,
+                     options: tuple[tuple[str, Any], ...]) -> tuple[tuple[tuple[str, ...], tuple], ...]:
     model = spec.create(**dict(options))
     size = spec.init_size
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))

@@ -50,7 +50,7 @@ def parse_coordinator(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise UserError(f"--coordinator {address!r}: expected host:port with a port from 1 to 65535 "
-                         "(e.g. 10.0.0.1:1234)")
+                        "(e.g. 10.0.0.1:1234)")
     return host, int(port)
 
 
@@ -62,7 +62,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
         raise UserError("--coordinator, --num-processes and --process-id go together (give all three, or none "
-                         "and let a cluster environment be auto-detected)")
+                        "and let a cluster environment be auto-detected)")
     if coordinator is not None:
         parse_coordinator(coordinator)
     if jax.distributed.is_initialized():
@@ -81,7 +81,7 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
             raise UserError(f"--devices {num_devices}: there are {len(devices)} device(s) "
-                             f"({devices[0].platform})")
+                            f"({devices[0].platform})")
         if jax.process_count() > 1 and num_devices != len(devices):
             raise UserError(f"--devices {num_devices}: a multi-process run uses all {len(devices)} devices")
         devices = devices[:num_devices]
@@ -102,7 +102,7 @@ def check_batch_size(global_batch: int, mesh: Mesh, flag: str = "--batch-size") 
     devices = mesh.devices.size
     if global_batch < 1 or global_batch % devices:
         raise UserError(f"{flag} {global_batch} is not divisible by the {devices} device(s) of the mesh; "
-                         f"use a multiple of {devices}")
+                        f"use a multiple of {devices}")
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -128,9 +128,9 @@ def _unpack(batch: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
     images = np.asarray(images)
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise UserError(f"batch {index}: images are {images.dtype}; the probe needs normalized float images "
-                         "(the weights' transforms mean/std, as jaxnets.data produces)")
+                        "(the weights' transforms mean/std, as jaxnets.data produces)")
     images = images.astype(np.float32)
     if images.ndim != 4 or len(labels) != images.shape[0]:
         raise UserError(f"batch {index}: expected NHWC images and one label per image, "
-                         f"got images {images.shape} and {len(labels)} labels")
+                        f"got images {images.shape} and {len(labels)} labels")
     return images, np.asarray(labels)

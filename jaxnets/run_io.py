@@ -7,7 +7,6 @@ Only the main process writes or prints (``enabled=False`` elsewhere); every othe
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jaxnets.fileio import atomic_path, write_text
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -34,7 +35,7 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
         kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= resume_step]
-        _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -42,7 +43,7 @@ class RunLog:
 
     def write_config(self, config_json: str) -> None:
         if self.enabled:
-            _atomic_write(self.run_dir / CONFIG_FILE, config_json)
+            write_text(self.run_dir / CONFIG_FILE, config_json)
 
     def log(self, step: int, epoch: float, split: str, metrics: dict[str, Any]) -> None:
         """One line of ``metrics.jsonl``: ``step``, ``epoch``, ``split`` ('train' | 'val') and the metrics."""
@@ -161,16 +162,11 @@ def _save(fig, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")  # the temporary name does not end in .png
+    finally:
+        plt.close(fig)
 
 
 def _jsonable(value: Any) -> Any:

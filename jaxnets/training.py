@@ -29,13 +29,13 @@ from flax import linen as nn
 from flax import struct
 from jax.experimental.compilation_cache import compilation_cache
 
-from jaxnets import host, parallel, transfer
-from jaxnets.checkpointing import Checkpointer
-from jaxnets.config import TrainConfig, peak_learning_rate, resolve, resume_mismatch
+from jaxnets import host, parallel, transfer, workdir_lock
+from jaxnets.checkpointing import Checkpointer, resume_problem, resume_record
+from jaxnets.config import TrainConfig, peak_learning_rate, resolve
 from jaxnets.data import Dataset, load_dataset
 from jaxnets.errors import UserError
 from jaxnets.models import GoogLeNetOutputs
-from jaxnets.registry import create_model
+from jaxnets.models.googlenet import AUX_WEIGHT
 from jaxnets.run_io import METRICS_FILE, Progress, RunLog, epoch_summary
 
 PyTree = Any
@@ -93,9 +93,6 @@ def create_train_state(model: nn.Module, variables: PyTree, tx: optax.GradientTr
     return TrainState(apply_fn=model.apply, tx=tx, frozen_norm=tuple(frozen_norm), trainable=trainable, **arrays)
 
 
-# The optimizer state's structure, recorded in each checkpoint. 2: --grad-clip outside the parameter groups.
-OPTIMIZER_LAYOUT = 2
-
 
 def init_variables(model: nn.Module, image_size: int, seed: int, mesh: Any) -> PyTree:
     """Fresh variables (torchvision's initializers), replicated on ``mesh``."""
@@ -110,7 +107,7 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int, *, trainable_mask:
     """SGD (momentum, optionally Nesterov) or AdamW on the linearly scaled learning rate, with warmup +
     cosine or step decay, optional gradient clipping, and no weight decay on biases and BatchNorm
     parameters (the 1-D leaves). With a ``trainable_mask``, ``jaxnets.transfer.build_optimizer`` gives
-    frozen leaves a zero update and no optimizer state."""
+    frozen leaves a zero update and no optimizer state, and clips the trainable gradients."""
     schedule = make_schedule(config, steps_per_epoch)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
     if config.optimizer == "adamw":
@@ -120,18 +117,12 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int, *, trainable_mask:
                            optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
     if trainable_mask is not None:
         # The masks have the parameters' structure: all that layer-wise multipliers need.
-        lr_mults = (transfer.layerwise_lr_mults(config.model, trainable_mask, config.layer_decay)
+        lr_mults = (transfer.layerwise_lr_mults(config.spec, trainable_mask, config.layer_decay)
                     if config.layer_decay != 1.0 else None)
-        base = transfer.build_optimizer(base, trainable_mask, head_mask=head_mask,
+        base = transfer.build_optimizer(base, trainable_mask, head_mask=head_mask, grad_clip=config.grad_clip,
                                         backbone_lr_mult=config.backbone_lr_mult, lr_mults=lr_mults)
-    if config.grad_clip:
-        # One norm over all trainable gradients, as torch's clip_grad_norm_ over the parameters that have one:
-        # outside build_optimizer's partition, where each learning-rate group would be clipped on its own.
-        clip = optax.clip_by_global_norm(config.grad_clip)
-        if trainable_mask is not None:
-            frozen = jax.tree.map(lambda trainable: not trainable, trainable_mask)
-            clip = optax.chain(optax.masked(optax.set_to_zero(), frozen), clip)
-        base = optax.chain(clip, base)
+    elif config.grad_clip:
+        base = optax.chain(optax.clip_by_global_norm(config.grad_clip), base)
     return base, schedule
 
 
@@ -157,7 +148,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def make_train_step(mesh: Any, *, label_smoothing: float = 0.0, aux_weight: float = 0.3):
+def make_train_step(mesh: Any, *, label_smoothing: float = 0.0, aux_weight: float = AUX_WEIGHT):
     """``step(state, batch) -> (state, {'loss', 'accuracy'})``, jitted over ``mesh`` with the state donated.
 
     GoogLeNet in training: loss = main + aux_weight * (aux1 + aux2), as in the paper; accuracy is the
@@ -260,7 +251,14 @@ def setup_compilation_cache(directory: str | None) -> None:
 
 def train_and_evaluate(config: TrainConfig) -> TrainResult:
     """Train ``config.model`` on ``config.dataset`` data-parallel on all devices (of all processes),
-    evaluating after every epoch; resume from ``config.workdir`` when it holds a checkpoint of this run."""
+    evaluating after every epoch; resume from ``config.workdir`` when it holds a checkpoint of this run.
+    The run owns its workdir (``jaxnets.workdir_lock``): a second run on it is refused before it reads it."""
+    config = start(config)
+    with workdir_lock.hold(Path(config.workdir).absolute(), enabled=parallel.is_main_process()):
+        return _train_and_evaluate(config)
+
+
+def _train_and_evaluate(config: TrainConfig) -> TrainResult:
     config, mesh, dataset = setup(config)
     workdir = Path(config.workdir).absolute()
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
@@ -292,11 +290,17 @@ def train_and_evaluate(config: TrainConfig) -> TrainResult:
         checkpointer.close()
 
 
-def setup(config: TrainConfig) -> tuple[TrainConfig, Any, Dataset]:
-    """Processes, compilation cache, resolved config, device mesh and this process's data."""
+def start(config: TrainConfig) -> TrainConfig:
+    """Processes and compilation cache started, the config resolved: all a run needs before it takes its
+    workdir. Idempotent (a resolved config resolves to itself)."""
     parallel.initialize(config.coordinator, config.num_processes, config.process_id)
     setup_compilation_cache(config.compile_cache)
-    config = resolve(config)
+    return resolve(config)
+
+
+def setup(config: TrainConfig) -> tuple[TrainConfig, Any, Dataset]:
+    """``start``, then the device mesh and this process's data."""
+    config = start(config)
     mesh = parallel.make_mesh(config.devices)
     parallel.check_batch_size(config.batch_size, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh, "--eval-batch-size")
@@ -307,6 +311,12 @@ def setup(config: TrainConfig) -> tuple[TrainConfig, Any, Dataset]:
 def run_linear_probe(config: TrainConfig) -> dict[str, float]:
     """``--linear-probe svm|logreg``: fit a linear classifier on the frozen model's pre-logit features of
     the (eval-transformed) training set and score it on the validation set; results in the workdir."""
+    config = start(config)
+    with workdir_lock.hold(Path(config.workdir).absolute(), enabled=parallel.is_main_process()):
+        return _run_linear_probe(config)
+
+
+def _run_linear_probe(config: TrainConfig) -> dict[str, float]:
     config, mesh, dataset = setup(config)
     if jax.process_count() > 1:
         raise UserError("--linear-probe runs in a single process")
@@ -317,7 +327,7 @@ def run_linear_probe(config: TrainConfig) -> dict[str, float]:
     workdir = Path(config.workdir).absolute()
     if Checkpointer(workdir / "checkpoints").latest_step() is not None or (workdir / METRICS_FILE).exists():
         raise UserError(f"--workdir {config.workdir} holds a training run; a linear probe would overwrite its logs, "
-                         f"use another --workdir")
+                        f"use another --workdir")
     run = RunLog(workdir)
     run.print(f"run directory: {workdir}")
     run.write_config(config.to_json())
@@ -335,18 +345,15 @@ def build_model(config: TrainConfig, num_classes: int, mesh: Any) -> tuple[nn.Mo
     """The model and its initial variables, replicated on ``mesh``: fresh, or ``--pretrained`` with the
     classifier (GoogLeNet: and its aux heads) freshly initialized for the new task, whatever its number of
     classes. The third value says which pretrained weights were loaded and which layers were re-initialized."""
-    from jaxnets.weights import load_pretrained, model_options, reinitialize_head
+    from jaxnets.weights import for_new_task
 
     options = {"aux_logits": False} if config.no_aux else {}
     dtype = jnp.dtype(config.dtype)
     if config.pretrained is None:
-        model = create_model(config.model, num_classes, dtype, **options)
+        model = config.spec.create(num_classes, dtype, **options)
         return model, init_variables(model, config.image_size, config.seed, mesh), None
     weights = None if config.pretrained == "default" else config.pretrained
-    model, variables = load_pretrained(config.model, weights=weights, dtype=dtype, **options)
-    options = model_options(config.model, model)  # the checkpoint's (GoogLeNet: transform_input) and ours
-    variables, renewed = reinitialize_head(config.model, variables, num_classes, rng=config.seed, **options)
-    model = create_model(config.model, num_classes, dtype, **options)
+    model, variables, renewed = for_new_task(config.spec, num_classes, weights, dtype, rng=config.seed, **options)
     note = (f"pretrained weights: {weights or 'torchvision ImageNet (cache)'}; re-initialized "
             f"{', '.join(renewed)} for {num_classes} classes")
     return model, jax.device_put(variables, parallel.replicated(mesh)), note
@@ -357,8 +364,9 @@ def freeze_masks(config: TrainConfig, params: PyTree) -> tuple[PyTree | None, Py
     BatchNorm paths); (None, None, ()) when everything trains at one learning rate."""
     if not _has_parameter_groups(config):
         return None, None, ()
-    mask = transfer.trainable_mask(config.model, params, config.freeze)
-    return mask, transfer.head_mask(config.model, params), transfer.frozen_modules(config.model, mask)
+    spec = config.spec
+    mask = transfer.trainable_mask(spec, params, config.freeze)
+    return mask, transfer.head_mask(spec, params), transfer.frozen_modules(spec, mask)
 
 
 def _has_parameter_groups(config: TrainConfig) -> bool:
@@ -391,19 +399,12 @@ def _check_resumable(checkpointer: Checkpointer, config: TrainConfig, steps_per_
     step = checkpointer.latest_step()
     if step is None:
         return None
-    meta = checkpointer.read_meta(step)
-    problem = resume_mismatch(meta.get("config", {}), config)
-    saved_steps = meta.get("steps_per_epoch", steps_per_epoch)
-    if not problem and saved_steps != steps_per_epoch:
-        problem = (f"{saved_steps} steps per epoch (this run: {steps_per_epoch}; the dataset, or the number "
-                   f"of processes sharing it, changed)")
-    if (not problem and config.grad_clip and _has_parameter_groups(config)
-            and meta.get("optimizer_layout", 1) != OPTIMIZER_LAYOUT):
-        problem = ("its optimizer state has an older jaxnets' layout (whose --grad-clip clipped each "
-                   "learning-rate group on its own)")
+    current = resume_record(json.loads(config.to_json()), steps_per_epoch)
+    problem = resume_problem(checkpointer.read_meta(step), current,
+                             layout_matters=bool(config.grad_clip) and _has_parameter_groups(config))
     if problem:
         raise UserError(f"--workdir {config.workdir} holds a checkpoint (step {step}) of a different run: {problem}; "
-                         f"use another --workdir")
+                        f"use another --workdir")
     return step
 
 
@@ -439,8 +440,7 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
     total_steps = steps_per_epoch * config.epochs
     stop_step = min(total_steps, config.steps or total_steps)
     step = int(parallel.to_host(state.step))
-    meta = {"config": json.loads(config.to_json()), "steps_per_epoch": steps_per_epoch,
-            "optimizer_layout": OPTIMIZER_LAYOUT}
+    meta = resume_record(json.loads(config.to_json()), steps_per_epoch)
     val_metrics, confusion, stop = None, None, _StopSignal()
 
     def save(metrics: dict | None = None) -> None:
@@ -519,8 +519,8 @@ def _save_final_weights(config: TrainConfig, state: TrainState, class_names: tup
     variables = parallel.to_host(state.variables)
     # Every option the model was built with (GoogLeNet's transform_input from pretrained weights too), so that
     # load_pretrained rebuilds the same model; apply_fn is the model's bound apply.
-    options = model_options(config.model, state.apply_fn.__self__)
-    path = save_weights(Path(config.workdir) / FINAL_WEIGHTS, config.model, variables, model_options=options,
+    options = model_options(config.spec, state.apply_fn.__self__)
+    path = save_weights(Path(config.workdir) / FINAL_WEIGHTS, config.spec, variables, model_options=options,
                         metadata={"source": "train.py", "dataset": config.dataset, "categories": list(class_names),
                                   "step": metrics["step"], "val_top1": metrics["top1"],
                                   # the eval transform the model was validated with, for jaxnets.predict

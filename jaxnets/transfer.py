@@ -24,7 +24,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from jaxnets.errors import UserError
-from jaxnets.registry import create_model, get_spec
+from jaxnets.registry import ModelRef, ModelSpec, get_spec
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -34,50 +34,53 @@ BACKBONE = "backbone"
 FROZEN = "frozen"  # build_optimizer's partition label of frozen leaves
 
 
-def trainable_mask(name: str, params: PyTree, freeze: str | Sequence[str]) -> PyTree:
+def trainable_mask(model: ModelRef, params: PyTree, freeze: str | Sequence[str]) -> PyTree:
     """A bool pytree like ``params``: True where a parameter is trained, False where it is frozen.
 
-    ``freeze`` is ``'none'`` (full fine-tuning), ``'backbone'`` (everything but ``get_spec(name).head``), or a
+    ``freeze`` is ``'none'`` (full fine-tuning), ``'backbone'`` (everything but ``get_spec(model).head``), or a
     comma-separated string / sequence of shell-style patterns over module paths (``'conv1,bn1,layer1'``,
     ``'features/*'``, ``'layer[12]'``; torch's dots work too: ``'layer1.0'``). A pattern matches a parameter
     when it matches the whole of a leading run of its path components, so ``layer1`` never matches
     ``layer10`` and ``conv1`` means the stem, not ``layer1/0/conv1``.
     """
+    spec = get_spec(model)
+    name = spec.name
     flat = _flat(params, name)
     frozen = {path: False for path in flat}
     for pattern in _parse_freeze(freeze):
         if pattern == NO_FREEZE:
             continue
         if pattern == BACKBONE:
-            head = _flat_head(name, flat)
+            head = _flat_head(spec, flat)
             matched = [path for path in flat if not head[path]]
         else:
             matched = [path for path in flat if _matches(pattern, path)]
             if not matched:
                 raise UserError(f"{name}: freeze pattern {pattern!r} matches no parameter; "
-                                 f"top-level modules: {', '.join(_top_level(flat))}")
+                                f"top-level modules: {', '.join(_top_level(flat))}")
         frozen.update(dict.fromkeys(matched, True))
     if all(frozen.values()):
         raise UserError(f"{name}: freeze {_as_text(freeze)!r} leaves nothing trainable "
-                         f"(all {len(flat)} parameter arrays frozen)")
+                        f"(all {len(flat)} parameter arrays frozen)")
     return traverse_util.unflatten_dict({path: not is_frozen for path, is_frozen in frozen.items()})
 
 
-def head_mask(name: str, params: PyTree) -> PyTree:
-    """A bool pytree like ``params``: True on the classifier head (``get_spec(name).head``, GoogLeNet's
+def head_mask(model: ModelRef, params: PyTree) -> PyTree:
+    """A bool pytree like ``params``: True on the classifier head (``get_spec(model).head``, GoogLeNet's
     auxiliary heads included when present), the part a new task re-initializes."""
-    return traverse_util.unflatten_dict(_flat_head(name, _flat(params, name)))
+    spec = get_spec(model)
+    return traverse_util.unflatten_dict(_flat_head(spec, _flat(params, spec.name)))
 
 
-def frozen_modules(name: str, mask: PyTree) -> tuple[str, ...]:
+def frozen_modules(model: ModelRef, mask: PyTree) -> tuple[str, ...]:
     """The ``frozen_norm`` argument of ``model.apply``: module paths covering exactly the BatchNorm layers
     whose parameters are all frozen, so they normalize with their running statistics and never update them.
 
     Paths are merged upwards where every BatchNorm below is frozen (ResNet-18 with a frozen backbone gives
-    ``('bn1', 'layer1', 'layer2', 'layer3', 'layer4')``). ``name`` is accepted for symmetry with the other
+    ``('bn1', 'layer1', 'layer2', 'layer3', 'layer4')``). ``model`` is accepted for symmetry with the other
     functions and for error messages.
     """
-    flat = _flat(mask, name)
+    flat = _flat(mask, get_spec(model).name)
     _check_bools(flat, "mask")
     # A BatchNorm is the module that owns a 'scale' (convs and linears own a 'kernel').
     norms = {path[:-1] for path in flat if path[-1] == "scale"}
@@ -97,8 +100,13 @@ def frozen_modules(name: str, mask: PyTree) -> tuple[str, ...]:
 
 
 def build_optimizer(base_tx: optax.GradientTransformation, mask: PyTree, *, head_mask: PyTree | None = None,
-                    backbone_lr_mult: float = 1.0, lr_mults: PyTree | None = None) -> optax.GradientTransformation:
+                    backbone_lr_mult: float = 1.0, lr_mults: PyTree | None = None,
+                    grad_clip: float | None = None) -> optax.GradientTransformation:
     """Wrap ``base_tx`` so that frozen leaves get a zero update and no optimizer state.
+
+    ``grad_clip`` clips the global norm of the trainable gradients (frozen ones zeroed first), once over
+    all of them as torch's ``clip_grad_norm_`` over the parameters that have gradients: before the
+    learning-rate groups, each of which would otherwise be clipped on its own.
 
     With ``backbone_lr_mult != 1`` (which needs ``head_mask``), trainable leaves outside the head get
     ``base_tx``'s update scaled by the multiplier: a discriminative learning rate, as torch parameter
@@ -106,6 +114,8 @@ def build_optimizer(base_tx: optax.GradientTransformation, mask: PyTree, *, head
     ``lr_mults`` (a float per leaf, e.g. ``layerwise_lr_mults``) multiplies on top of that.
     """
     _check_mult(backbone_lr_mult, "backbone_lr_mult")
+    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
+        raise UserError(f"grad_clip must be > 0 and finite, got {grad_clip!r} (None: no clipping)")
     if backbone_lr_mult != 1.0 and head_mask is None:
         raise UserError("backbone_lr_mult needs head_mask to tell the head from the backbone")
     _check_bools(_flat_like(mask, mask, "mask"), "mask")
@@ -127,7 +137,13 @@ def build_optimizer(base_tx: optax.GradientTransformation, mask: PyTree, *, head
         if label == FROZEN or label in transforms:
             continue
         transforms[label] = base_tx if mult == 1.0 else optax.chain(base_tx, optax.scale(mult))
-    return _checked_against(mask, optax.partition(transforms, labels))
+    tx = optax.partition(transforms, labels)
+    if grad_clip:
+        frozen = jax.tree.map(lambda trainable: not trainable, mask)
+        # The nesting is the optimizer state's layout that checkpoints record (checkpointing.OPTIMIZER_LAYOUT).
+        tx = optax.chain(optax.chain(optax.masked(optax.set_to_zero(), frozen),
+                                     optax.clip_by_global_norm(grad_clip)), tx)
+    return _checked_against(mask, tx)
 
 
 def _checked_against(mask: PyTree, tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
@@ -143,7 +159,7 @@ def _checked_against(mask: PyTree, tx: optax.GradientTransformationExtraArgs) ->
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def layerwise_lr_mults(name: str, params: PyTree, decay: float) -> PyTree:
+def layerwise_lr_mults(model: ModelRef, params: PyTree, decay: float) -> PyTree:
     """Layer-wise learning-rate decay (as BEiT/ELECTRA): the head gets 1, the backbone's last block
     ``decay``, the one before ``decay**2``, ... down to the stem, in forward order.
 
@@ -152,14 +168,16 @@ def layerwise_lr_mults(name: str, params: PyTree, decay: float) -> PyTree:
     """
     if not 0 < decay <= 1:
         raise UserError(f"layer decay must be in (0, 1], got {decay}")
+    spec = get_spec(model)
+    name = spec.name
     flat = _flat(params, name)
-    head = _flat_head(name, flat)
+    head = _flat_head(spec, flat)
     backbone_blocks = {_block(path[:-1]) for path in flat if not head[path]}
-    unknown = sorted(backbone_blocks - set(_forward_order(name)))
+    unknown = sorted(backbone_blocks - set(_forward_order(spec)))
     if unknown:
         raise UserError(f"{name}: params have block(s) {', '.join(unknown)} that {name} does not have "
-                         "(parameters of another model?)")
-    blocks = [block for block in _forward_order(name) if block in backbone_blocks]
+                        "(parameters of another model?)")
+    blocks = [block for block in _forward_order(spec) if block in backbone_blocks]
     depth = {block: len(blocks) - i for i, block in enumerate(blocks)}
     return traverse_util.unflatten_dict({p: 1.0 if head[p] else decay ** depth[_block(p[:-1])] for p in flat})
 
@@ -197,14 +215,14 @@ def _flat_like(tree: PyTree, reference: PyTree, what: str, reference_what: str =
     or params instead of a mask, would otherwise fail deep inside jax or with a bare KeyError)."""
     if not isinstance(tree, Mapping) or not isinstance(reference, Mapping):
         raise UserError(f"{what} and {reference_what} must be dicts shaped like params, "
-                         f"got {type(tree).__name__} and {type(reference).__name__}")
+                        f"got {type(tree).__name__} and {type(reference).__name__}")
     flat, expected = traverse_util.flatten_dict(tree), traverse_util.flatten_dict(reference)
     if flat.keys() != expected.keys():
         missing, extra = sorted(expected.keys() - flat.keys()), sorted(flat.keys() - expected.keys())
         where = (f"{'/'.join(missing[0])} is in {reference_what} but not in {what}" if missing
                  else f"{'/'.join(extra[0])} is in {what} but not in {reference_what}")
         raise UserError(f"{what} does not match {reference_what} ({len(missing)} leaves missing, {len(extra)} extra): "
-                         f"{where}; built for another model?")
+                        f"{where}; built for another model?")
     return flat
 
 
@@ -213,7 +231,7 @@ def _check_bools(flat: dict[Path, Any], what: str) -> None:
     for path, leaf in flat.items():
         if not isinstance(leaf, bool | np.bool_):
             raise UserError(f"{what} leaves must be bools (True = trainable), got {type(leaf).__name__} at "
-                             f"{'/'.join(path)}; pass a mask from trainable_mask or head_mask, not params")
+                            f"{'/'.join(path)}; pass a mask from trainable_mask or head_mask, not params")
 
 
 def _check_mult(mult: Any, where: str) -> None:
@@ -224,15 +242,14 @@ def _check_mult(mult: Any, where: str) -> None:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise UserError(f"learning-rate multipliers must be > 0 and finite, got {mult!r} for {where} "
-                         "(freeze those parameters instead)")
+                        "(freeze those parameters instead)")
 
 
-def _flat_head(name: str, flat: dict[Path, Any]) -> dict[Path, bool]:
-    spec = get_spec(name)
+def _flat_head(spec: ModelSpec, flat: dict[Path, Any]) -> dict[Path, bool]:
     classifier, *others = [tuple(module.split("/")) for module in spec.head]
     if not any(path[:len(classifier)] == classifier for path in flat):
-        raise UserError(f"{name}: parameters have no classifier {spec.classifier!r}; "
-                         f"top-level modules: {', '.join(_top_level(flat))}")
+        raise UserError(f"{spec.name}: parameters have no classifier {spec.classifier!r}; "
+                        f"top-level modules: {', '.join(_top_level(flat))}")
     return {path: any(path[:len(m)] == m for m in (classifier, *others)) for path in flat}
 
 
@@ -242,9 +259,9 @@ def _block(module: Path) -> str:
 
 
 @functools.cache
-def _forward_order(name: str) -> tuple[str, ...]:
+def _forward_order(spec: ModelSpec) -> tuple[str, ...]:
     """Blocks in the order the forward pass calls them (traced abstractly, nothing is computed)."""
-    model = create_model(name)
+    model = spec.create()
     calls: list[str] = []
 
     def record(next_fun, args, kwargs, context):
@@ -252,7 +269,7 @@ def _forward_order(name: str) -> tuple[str, ...]:
             calls.append(_block(tuple(context.module.path)))
         return next_fun(*args, **kwargs)
 
-    size = max(224, *get_spec(name).weights.min_size)
+    size = spec.init_size
     with nn.intercept_methods(record):
         jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
     return tuple(dict.fromkeys(calls))

@@ -112,6 +112,28 @@ def test_every_recordable_option_type_round_trips_through_final_weights(toy, tmp
     assert type(rebuilt.sizes) is tuple and type(rebuilt.gains[0]) is float and rebuilt.tag is None
 
 
+def test_a_training_run_resolves_its_model_once_per_config(monkeypatch, tmp_path):
+    """The run passes the model's description down instead of its name: the registry is asked for the name
+    only by ``TrainConfig.spec``, once for each of the three configs a run holds (as given, resolved, and with
+    the dataset's class count), through freezing, layer-wise decay, clipping and the final weights file."""
+    from jaxnets import training
+    from jaxnets.config import TrainConfig
+
+    lookups: list[str] = []
+
+    class CountingRegistry(dict):
+        def __getitem__(self, name):
+            lookups.append(name)
+            return super().__getitem__(name)
+
+    monkeypatch.setattr(registry, "_REGISTRY", CountingRegistry(registry._REGISTRY))
+    config = TrainConfig(model="resnet18", workdir=str(tmp_path / "run"), steps=1, epochs=1, batch_size=8,
+                         image_size=16, freeze="layer1", layer_decay=0.8, grad_clip=1.0, progress=False,
+                         compile_cache="")
+    assert training.train_and_evaluate(config).step == 1
+    assert lookups == ["resnet18"] * 3
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"sizes": [1, "2"]}, r"option sizes=\[1, \"2\"\] has the wrong type: expected tuple\[int, \.\.\.\]"),
     ({"clip": "none"}, r"option clip=\"none\" has the wrong type: expected float \| None \(a number or null\)"),

@@ -18,7 +18,7 @@ import torch
 from flax import linen as nn
 from flax import traverse_util
 
-from jaxnets import GoogLeNetOutputs, parallel, training
+from jaxnets import GoogLeNetOutputs, checkpointing, parallel, training
 from jaxnets.config import TrainConfig, resolve
 from jaxnets.data import load_dataset
 from jaxnets.run_io import CONFIG_FILE, METRICS_FILE, read_metrics
@@ -281,7 +281,8 @@ def test_a_checkpoint_of_the_old_grad_clip_layout_is_refused_by_name(grad_clip, 
     config = resolve(TrainConfig(model="resnet18", workdir="w", grad_clip=grad_clip,
                                  backbone_lr_mult=backbone_lr_mult))
     old = {"config": json.loads(config.to_json()), "steps_per_epoch": 26}
-    assert training._check_resumable(_SavedRun({**old, "optimizer_layout": training.OPTIMIZER_LAYOUT}), config, 26) == 5
+    layout = checkpointing.OPTIMIZER_LAYOUT
+    assert training._check_resumable(_SavedRun({**old, "optimizer_layout": layout}), config, 26) == 5
     if refused:
         with pytest.raises(ValueError, match=r"of a different run: its optimizer state has an older jaxnets' "
                                              r"layout \(whose --grad-clip clipped each learning-rate group"):

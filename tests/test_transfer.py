@@ -253,6 +253,28 @@ def test_lr_mults_scale_each_leafs_update():
         np.testing.assert_allclose(update, np.full(update.shape, expected, np.float32), rtol=1e-6, err_msg=path)
 
 
+def test_grad_clip_clips_the_trainable_gradients_once_in_the_recorded_state_layout():
+    """build_optimizer clips one global norm over the trainable gradients (frozen ones do not count), before
+    the learning-rate groups; its state has the nesting checkpoints of OPTIMIZER_LAYOUT 2 hold."""
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), param_shapes("resnet18", 32))
+    grads = jax.tree.map(lambda p: np.full(p.shape, 0.5, np.float32), params)
+    mask = transfer.trainable_mask("resnet18", params, "conv1,layer1")
+    head = transfer.head_mask("resnet18", params)
+    tx = transfer.build_optimizer(optax.sgd(1.0), mask, head_mask=head, backbone_lr_mult=0.5, grad_clip=1.0)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    trainable = [g for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(mask), strict=True) if t]
+    scale = 1.0 / float(np.sqrt(sum(np.sum(np.square(g)) for g in trainable)))  # the norm is > 1 here
+    for path, update in flat(updates).items():
+        expected = 0.0 if not flat(mask)[path] else -0.5 * scale * (1.0 if flat(head)[path] else 0.5)
+        np.testing.assert_allclose(update, np.full(update.shape, expected, np.float32), rtol=1e-5, err_msg=path)
+    frozen = jax.tree.map(lambda t: not t, mask)
+    before = optax.chain(optax.chain(optax.masked(optax.set_to_zero(), frozen), optax.clip_by_global_norm(1.0)),
+                         transfer.build_optimizer(optax.sgd(1.0), mask, head_mask=head, backbone_lr_mult=0.5))
+    assert jax.tree.structure(tx.init(params)) == jax.tree.structure(before.init(params))
+    with pytest.raises(ValueError, match=r"grad_clip must be > 0 and finite, got -1.0"):
+        transfer.build_optimizer(optax.sgd(0.1), mask, grad_clip=-1.0)
+
+
 def test_bad_learning_rate_multipliers_raise():
     mask = {"fc": {"kernel": True}}
     with pytest.raises(ValueError, match="needs head_mask"):
