@@ -7,6 +7,8 @@ import dataclasses
 import io
 import re
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -16,20 +18,25 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop, v2
 
-from jaxnets import data as data_module
 from jaxnets import registry
 from jaxnets.config import TrainConfig, resolve
 from jaxnets.data import (
     DataConfig,
     DataError,
-    _check_image,
+    Shard,
+    Source,
+    StreamedSplit,
     center_crop,
+    decode_rgb,
     load_dataset,
     parse_classes,
     random_resized_crop,
     resize_shorter,
+    sources,
     tf,
 )
+from jaxnets.data.image_checks import check_image
+from jaxnets.data.transforms import decode_file
 
 DIGITS = DataConfig(image_size=16, batch_size=32, min_crop_scale=0.6, hflip=False)
 
@@ -88,6 +95,90 @@ def test_eval_covers_the_whole_split_once_with_a_padded_masked_last_batch(digits
     images, probe_labels = zip(*digits.iterate("val"), strict=True)
     assert sum(len(x) for x in images) == 359
     np.testing.assert_array_equal(np.concatenate(probe_labels), digits.val.labels)
+
+
+@dataclasses.dataclass
+class ToyStream(StreamedSplit):
+    """A split of a kind the library does not have, as a new source would define one: images in memory,
+    streamed per process (process p reads every count-th example from the p-th). Example k's pixels are all
+    ``PIXEL * k``, so that a batch says which examples it holds."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    process_count: int
+
+    PIXEL = 9
+
+    @property
+    def host_sizes(self) -> list[int]:
+        return [len(self.ids[p::self.process_count]) for p in range(self.process_count)]
+
+    def host_dataset(self, shard: Shard) -> tf.data.Dataset:
+        ids = self.ids[shard.index::shard.count]
+        images = np.broadcast_to((self.PIXEL * ids).astype(np.uint8)[:, None, None, None], (len(ids), 10, 12, 3))
+        return tf.data.Dataset.from_tensor_slices((images, self.labels[shard.index::shard.count].astype(np.int32)))
+
+    def relabel(self, label_map: np.ndarray) -> ToyStream:
+        keep = label_map[self.labels] >= 0
+        return ToyStream(self.ids[keep], label_map[self.labels][keep], self.process_count)
+
+
+def _toy_examples(batches: list[dict], config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The example ids and labels of the real (unmasked) examples of ``batches``, read off the pixels."""
+    keep = [b.get("mask", np.ones(len(b["label"]), bool)) for b in batches]
+    images = np.concatenate([b["image"][k] for b, k in zip(batches, keep, strict=True)])
+    labels = np.concatenate([b["label"][k] for b, k in zip(batches, keep, strict=True)])
+    pixels = images * np.asarray(config.std, np.float32) * 255 + np.asarray(config.mean, np.float32) * 255
+    ids = np.round(pixels / ToyStream.PIXEL).astype(int)
+    assert np.all(ids == ids[:, :1, :1, :1]) and np.abs(pixels - ids * ToyStream.PIXEL).max() < 1e-3
+    return ids[:, 0, 0, 0], labels
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_a_new_source_is_one_entry_in_the_table_and_batches_through_the_split_interface(monkeypatch, process_count):
+    """A source defined here, put first in ``sources.SOURCES``: ``load_dataset`` picks it by its recognizer,
+    and ``Dataset`` trains and evaluates on its splits through the ``Split`` interface alone: each process
+    gets full batches of training examples with their labels, evaluation covers every example once, and
+    ``--classes`` keeps and remaps labels."""
+    config = DataConfig(dataset="toy", image_size=8, batch_size=4, hflip=True)
+    asked = []
+
+    def load(config: DataConfig, process_count: int) -> Source:
+        asked.append(process_count)
+        train, val = np.arange(18), np.arange(18, 27)
+        return Source("toy", ("a", "b", "c"), ToyStream(train, train % 3, process_count),
+                      ToyStream(val, val % 3, process_count), ["toy: 18 + 9 examples"])
+
+    monkeypatch.setattr(sources, "SOURCES", ((lambda config: config.dataset == "toy", load), *sources.SOURCES))
+    shards = [load_dataset(config, p, process_count) for p in range(process_count)]
+    assert asked == [process_count] * process_count
+    assert shards[0].notes == ["toy: 18 + 9 examples"] and shards[0].class_names == ("a", "b", "c")
+    assert all(s.steps_per_epoch == 18 // 4 for s in shards)
+    train = [list(s.train_batches(epoch=1)) for s in shards]
+    assert all(len(part) == 4 and part[0]["image"].shape == (4 // process_count, 8, 8, 3) for part in train)
+    ids, labels = _toy_examples([b for part in train for b in part], config)
+    # A stream's epoch is drawn through a shuffle buffer over the repeated stream: ids may repeat.
+    assert len(ids) == 16 and set(ids) <= set(range(18)) and np.array_equal(labels, ids % 3)
+    evals = [list(s.eval_batches("val")) for s in shards]
+    assert {len(part) for part in evals} == {3}  # ceil(9 / 4) batches of 4 // process_count, on every process
+    ids, labels = _toy_examples([b for part in evals for b in part], config)
+    assert sorted(ids) == list(range(18, 27)) and np.array_equal(labels, ids % 3)
+
+    kept = dataclasses.replace(config, classes=(2, 0), batch_size=2)
+    shards = [load_dataset(kept, p, process_count) for p in range(process_count)]
+    assert shards[0].class_names == ("c", "a")
+    ids, labels = _toy_examples([b for s in shards for b in s.eval_batches("val")], kept)
+    assert sorted(ids) == [18, 20, 21, 23, 24, 26] and np.array_equal(labels, np.where(ids % 3 == 2, 0, 1))
+
+
+def test_importing_the_data_package_leaves_tensorflow_unimported():
+    """TensorFlow costs seconds to import, and torchvision imported after it crashes: jaxnets.data (every module
+    of it) and the training module import it on first use only."""
+    code = ("import sys, pkgutil, importlib, jaxnets.data, jaxnets.training; "
+            "[importlib.import_module(m.name) for m in pkgutil.walk_packages(jaxnets.data.__path__, 'jaxnets.data.')]; "
+            "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'PIL', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_classes_keeps_and_remaps_labels():
@@ -230,7 +321,7 @@ def _encoded(fmt, mode="RGB", transparent=False, **options):
 def _tf_decodes(data: bytes) -> bool:
     """Whether training's decoder reads ``data``."""
     try:
-        data_module.decode_rgb(tf.constant(data))
+        decode_rgb(tf.constant(data))
     except tf.errors.OpError:
         return False
     return True
@@ -247,7 +338,7 @@ def test_image_check_rejects_exactly_the_cut_files_tensorflow_fails_on(tmp_path,
     path = tmp_path / "image"
     for cut in [*range(1, len(data), 7), len(data) - 2, len(data) - 1, len(data)]:
         path.write_bytes(data[:cut])
-        assert (_check_image(str(path)) is None) == _tf_decodes(data[:cut]), (cut, len(data), _check_image(str(path)))
+        assert (check_image(str(path)) is None) == _tf_decodes(data[:cut]), (cut, len(data), check_image(str(path)))
 
 
 @pytest.mark.parametrize("data,problem", [
@@ -260,7 +351,7 @@ def test_image_check_rejects_exactly_the_cut_files_tensorflow_fails_on(tmp_path,
 ])
 def test_image_check_rejects_what_tensorflow_cannot_decode(tmp_path, data, problem):
     (tmp_path / "x.png").write_bytes(data)
-    assert problem in _check_image(str(tmp_path / "x.png"))
+    assert problem in check_image(str(tmp_path / "x.png"))
     assert not _tf_decodes(data)
 
 
@@ -268,7 +359,7 @@ def test_image_check_rejects_what_tensorflow_cannot_decode(tmp_path, data, probl
                                   _encoded("PNG") + b"trailing", _encoded("MPO", save_all=True)])
 def test_image_check_accepts_data_after_the_image(tmp_path, data):
     (tmp_path / "x.jpg").write_bytes(data)
-    assert _check_image(str(tmp_path / "x.jpg")) is None and _tf_decodes(data)
+    assert check_image(str(tmp_path / "x.jpg")) is None and _tf_decodes(data)
 
 
 def test_webp_images_in_a_folder_train_with_the_pixels_pil_reads(tmp_path):
@@ -284,13 +375,13 @@ def test_webp_images_in_a_folder_train_with_the_pixels_pil_reads(tmp_path):
     assert webp == [str(root / "dog" / name) for name in sorted(files)]
     for path in webp:
         pixels = np.asarray(Image.open(path).convert("RGB"))
-        np.testing.assert_array_equal(data_module._decode_file(tf.constant(path)).numpy(), pixels)
+        np.testing.assert_array_equal(decode_file(tf.constant(path)).numpy(), pixels)
 
 
 def test_a_palette_bmp_is_rejected_as_tensorflow_reads_its_indices_as_gray_levels(tmp_path):
     data = _encoded("BMP", mode="P")
     (tmp_path / "x.bmp").write_bytes(data)
-    assert "color-palette BMP" in _check_image(str(tmp_path / "x.bmp"))
+    assert "color-palette BMP" in check_image(str(tmp_path / "x.bmp"))
     pixels = Image.open(io.BytesIO(data)).convert("RGB")
     assert not np.array_equal(tf.io.decode_image(data, channels=3).numpy(), np.asarray(pixels))  # silent corruption
 

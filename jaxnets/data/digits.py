@@ -1,0 +1,31 @@
+"""Source ``'digits'``: scikit-learn's 1797 handwritten digits (8x8, embedded in scikit-learn), as RGB images
+in memory; a run that needs no download and no data folder."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxnets.data.config import DIGITS, DataConfig
+from jaxnets.data.indexed import IndexedSplit
+from jaxnets.data.labels import SPLIT_SEED, held_out
+from jaxnets.data.split import Source
+
+
+def recognizes(config: DataConfig) -> bool:
+    return config.dataset == DIGITS
+
+
+def load(config: DataConfig, process_count: int) -> Source:
+    """The digits, ``config.val_fraction`` of each class held out for validation."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    labels = digits.target.astype(np.int32)
+    train_idx, val_idx = held_out(labels, config.val_fraction)
+    class_names = tuple(str(c) for c in digits.target_names)
+    notes = [f"digits: scikit-learn's 1797 8x8 handwritten digits as RGB; held out {len(val_idx)} for validation "
+             f"({config.val_fraction:.0%} of each class, split seed {SPLIT_SEED})"]
+    return Source(DIGITS, class_names, IndexedSplit(labels[train_idx], images[train_idx]),
+                  IndexedSplit(labels[val_idx], images[val_idx]), notes)

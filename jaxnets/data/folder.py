@@ -1,0 +1,121 @@
+"""Source: a folder of images in class subfolders, ``root/<class>/<image>``, with ``train/`` and ``val/`` (or
+``validation/``) split folders or without (then validation is held out of each class). Files that
+TensorFlow could not decode are skipped when the folder is scanned, and reported."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from jaxnets.data.config import DataConfig, DataError
+from jaxnets.data.image_checks import check_image
+from jaxnets.data.indexed import IndexedSplit
+from jaxnets.data.labels import SPLIT_SEED, held_out
+from jaxnets.data.split import Source
+from jaxnets.data.transforms import IMAGE_EXTENSIONS
+
+VAL_DIRS = ("val", "validation")
+
+
+def recognizes(config: DataConfig) -> bool:
+    """An existing folder, or a name that can only be a path (then ``load`` says that it does not exist)."""
+    name = config.dataset
+    return Path(name).expanduser().is_dir() or os.sep in name or name.startswith(".")
+
+
+def load(config: DataConfig, process_count: int) -> Source:
+    """The folder's train and validation splits, with notes on the layout found and the files skipped."""
+    root = Path(config.dataset).expanduser()
+    if not root.is_dir():
+        raise DataError(f"dataset folder {config.dataset!r} does not exist")
+    train_dir, val_dir = _split_dirs(root)
+    if train_dir is not None and val_dir is not None:
+        class_names, train, val, skipped = _train_val_folders(train_dir, val_dir)
+        notes = [f"folder {root}: train/ and {val_dir.name}/ splits"]
+    else:
+        scanned = train_dir or root
+        class_names = _class_dirs(scanned)
+        examples, skipped = _scan(scanned, class_names)
+        layout = "train/ without val/" if train_dir else "no train/ and val/ subfolders"
+        train, val, notes = _hold_out_folder(root, layout, examples, class_names, config.val_fraction)
+    if skipped:
+        notes.append(f"skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}")
+    for split_name, split in (("training", train), ("validation", val)):
+        if len(split) == 0:
+            raise DataError(f"folder {root}: no readable {split_name} images")
+    return Source(root.name, class_names, train, val, notes)
+
+
+def _split_dirs(root: Path) -> tuple[Path | None, Path | None]:
+    """``root``'s train/ and val/ (or validation/) split folders, None when absent. Without val/, train/ is a
+    split only when it holds class subfolders: a flat folder may have a class named "train"."""
+    val_dir = next((root / d for d in VAL_DIRS if (root / d).is_dir()), None)
+    train_dir = root / "train"
+    if not train_dir.is_dir() or (val_dir is None and not _has_subfolders(train_dir)):
+        train_dir = None
+    if train_dir is None and val_dir is not None and _has_subfolders(val_dir):
+        raise DataError(f"folder {root}: {val_dir.name}/ holds class folders but there is no train/ split beside it")
+    return train_dir, val_dir
+
+
+def _has_subfolders(directory: Path) -> bool:
+    return bool(_subfolders(directory))
+
+
+def _train_val_folders(train_dir: Path, val_dir: Path):
+    class_names = _class_dirs(train_dir)
+    train, skipped_train = _scan(train_dir, class_names)
+    unknown = sorted(set(_class_dirs(val_dir)) - set(class_names))
+    if unknown:
+        raise DataError(f"{val_dir}: class folder(s) {', '.join(unknown)} are not in {train_dir}")
+    val, skipped_val = _scan(val_dir, class_names)
+    return class_names, train, val, skipped_train + skipped_val
+
+
+def _hold_out_folder(root: Path, layout: str, examples: IndexedSplit, class_names: Sequence[str], fraction: float):
+    """Train and validation splits held out of ``examples``, with notes for the log."""
+    train_idx, val_idx = held_out(examples.labels, fraction)
+    if len(train_idx) and not len(val_idx):
+        raise DataError(f"folder {root}: no class has two readable images, so none can be held out for validation")
+    notes = [f"folder {root}: {layout}; held out {len(val_idx)} images for validation ({fraction:.0%} of each class, "
+             f"split seed {SPLIT_SEED})"]
+    single = [class_names[label] for label, count in enumerate(np.bincount(examples.labels, minlength=len(class_names)))
+              if count == 1]
+    if single:
+        notes.append(f"warning: class(es) {', '.join(single)} have a single image, used for training and not validated")
+    return examples.subset(train_idx), examples.subset(val_idx), notes
+
+
+def _subfolders(root: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as error:
+        raise DataError(f"cannot read folder {root}: {error.strerror}") from None
+
+
+def _class_dirs(root: Path) -> tuple[str, ...]:
+    names = _subfolders(root)
+    if not names:
+        raise DataError(f"folder {root} has no class subfolders (expected {root}/<class>/<image> files)")
+    return tuple(names)
+
+
+def _scan(root: Path, class_names: Sequence[str]) -> tuple[IndexedSplit, list[str]]:
+    """Image files under ``root/<class>/``, sorted; unreadable ones are skipped and returned."""
+    candidates = []
+    for label, name in enumerate(class_names):
+        directory = root / name
+        if directory.is_dir():
+            candidates += [(str(p), label) for p in sorted(directory.rglob("*"))
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    with ThreadPoolExecutor(8) as pool:
+        problems = list(pool.map(check_image, [path for path, _ in candidates]))
+    good = [c for c, problem in zip(candidates, problems, strict=True) if problem is None]
+    skipped = [f"{path} ({problem})" for (path, _), problem in zip(candidates, problems, strict=True) if problem]
+    paths = np.array([p for p, _ in good], dtype=object).astype(str) if good else np.zeros(0, str)
+    return IndexedSplit(np.array([label for _, label in good], np.int32), paths=paths), skipped
+

@@ -1,0 +1,81 @@
+"""Splits whose examples are addressable by index: decoded images in memory, or image files.
+
+One global shuffled order per epoch, a function of ``(seed, epoch)``, is cut into global batches and each
+process loads only its slice of every batch, so the global batch is the same whatever the number of
+processes, and a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxnets.data.lazy_tf import tf
+from jaxnets.data.split import Shard, Split
+from jaxnets.data.transforms import decode_file
+
+
+@dataclass
+class IndexedSplit(Split):
+    """Examples addressable by index: decoded images in memory, or image files."""
+
+    labels: np.ndarray  # int32 (n,)
+    images: np.ndarray | None = None  # uint8 (n, h, w, 3)
+    paths: np.ndarray | None = None  # str (n,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, keep: np.ndarray, labels: np.ndarray | None = None) -> IndexedSplit:
+        return IndexedSplit(self.labels[keep] if labels is None else labels,
+                            None if self.images is None else self.images[keep],
+                            None if self.paths is None else self.paths[keep])
+
+    def loader(self):
+        """A tf function: index -> (uint8 image (h, w, 3), label)."""
+        labels = tf.constant(self.labels, tf.int32)
+        if self.images is not None:
+            images = tf.constant(self.images)
+            return lambda i: (tf.gather(images, i), tf.gather(labels, i))
+        paths = tf.constant(self.paths)
+        return lambda i: (decode_file(tf.gather(paths, i)), tf.gather(labels, i))
+
+    def steps_per_epoch(self, batch_size: int, shard: Shard) -> int:
+        return len(self) // batch_size
+
+    def train_examples(self, batch_size: int, shard: Shard, seed: int, epoch: int, start_step: int) -> tf.data.Dataset:
+        steps = self.steps_per_epoch(batch_size, shard)
+        order = np.random.default_rng([seed, epoch]).permutation(len(self))
+        order = order[:steps * batch_size].reshape(steps, batch_size)
+        positions = np.arange(order.size).reshape(order.shape)
+        columns = _columns(batch_size, shard)
+        return self._load(order[start_step:, columns].ravel(), positions[start_step:, columns].ravel())
+
+    def eval_examples(self, batch_size: int, shard: Shard) -> tf.data.Dataset:
+        total = shard.local(batch_size) * shard.count
+        num_batches = -(-len(self) // total)
+        index = np.arange(num_batches * total)
+        mask = index < len(self)
+        rows = np.where(mask, index, 0).reshape(num_batches, total)
+        columns = _columns(batch_size, shard)
+        return self._load(rows[:, columns].ravel(), mask.reshape(num_batches, total)[:, columns].ravel())
+
+    def relabel(self, label_map: np.ndarray) -> IndexedSplit:
+        keep = label_map[self.labels] >= 0
+        return self.subset(keep, label_map[self.labels][keep])
+
+    def label_counts(self, num_classes: int) -> np.ndarray:
+        return np.bincount(self.labels, minlength=num_classes)
+
+    def _load(self, index: np.ndarray, extra: np.ndarray) -> tf.data.Dataset:
+        """``(image, label, extra)`` of the examples at ``index``, in order."""
+        load = self.loader()
+        ds = tf.data.Dataset.from_tensor_slices((index, extra))
+        return ds.map(lambda i, x: (*load(i), x), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _columns(batch_size: int, shard: Shard) -> slice:
+    """This process's columns of a global batch."""
+    local = shard.local(batch_size)
+    return slice(shard.index * local, (shard.index + 1) * local)

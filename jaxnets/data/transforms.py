@@ -1,0 +1,113 @@
+"""The image transforms of the input pipeline, as TensorFlow ops for ``tf.data`` (float32 pixels in 0..255
+until normalized): decoding files, torchvision's ``RandomResizedCrop`` bounds, ``Resize`` and ``CenterCrop``,
+and the training augmentation and evaluation transform built from them.
+
+Augmentation (random resized crop, horizontal flip) uses stateless random ops seeded per example, so a
+batch's pixels do not depend on thread scheduling or on where the run was resumed. Evaluation is
+torchvision's eval transform: resize the shorter side, center crop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jaxnets.data.config import DataConfig
+from jaxnets.data.lazy_tf import tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what decode_rgb reads
+
+
+def augmentation(config: DataConfig, epoch_seed: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """``(uint8 image, position) -> normalized float32 image``: a random resized crop and (``config.hflip``)
+    a horizontal flip, seeded by the epoch and the example's position in it."""
+
+    def augment(image: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
+        seed = tf.stack([tf.constant(epoch_seed, tf.int64), tf.cast(position, tf.int64)])
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        image = random_resized_crop(image, config.image_size, crop_seed, scale=(config.min_crop_scale, 1.0))
+        if config.hflip:
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return normalize(image, config)
+    return augment
+
+
+def eval_transform(config: DataConfig) -> Callable[[tf.Tensor], tf.Tensor]:
+    """``uint8 image -> normalized float32 image``: torchvision's resize of the shorter side and center crop."""
+    return lambda image: normalize(center_crop(resize_shorter(image, config.eval_resize), config.image_size), config)
+
+
+def normalize(image: tf.Tensor, config: DataConfig) -> tf.Tensor:
+    """torchvision's ``Normalize`` after ``ToDtype(scale=True)``, on pixels in 0..255."""
+    mean = tf.constant(config.mean, tf.float32) * 255.0
+    std = tf.constant(config.std, tf.float32) * 255.0
+    return (tf.cast(image, tf.float32) - mean) / std
+
+
+def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+    """torchvision's ``RandomResizedCrop`` bounds: a crop of area fraction in ``scale`` and aspect ratio
+    (width / height) in ``ratio``, up to rounding to whole pixels, tried 10 times, else torchvision's
+    fallback: a center crop of the image's aspect ratio clamped into ``ratio``. Within those bounds crops
+    are drawn as TensorFlow's ``sample_distorted_bounding_box`` draws them, not with torchvision's
+    distribution (area uniform, ratio log-uniform). Bilinear, antialiased resize."""
+    shape = tf.shape(image)
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, area_range=scale, aspect_ratio_range=ratio,
+        min_object_covered=0.0,  # else (default 0.1, the whole image being the box) no crop is under 10 %
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    # TensorFlow falls back to the whole image, whatever its aspect ratio (a 3:2 photo is squeezed by 1.5);
+    # torchvision to a center crop of that ratio clamped into ``ratio``. Only an out-of-range whole image
+    # differs: a sampled crop has its ratio in range.
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    too_wide, too_tall = width / height > ratio[1], width / height < ratio[0]
+    clamped = tf.stack([tf.where(too_tall, tf.cast(tf.round(width / ratio[0]), tf.int32), shape[0]),
+                        tf.where(too_wide, tf.cast(tf.round(height * ratio[1]), tf.int32), shape[1])])
+    fallback = tf.reduce_all(tf.equal(crop_size[:2], shape[:2])) & (too_wide | too_tall)
+    crop_hw = tf.where(fallback, clamped, crop_size[:2])
+    begin_hw = tf.where(fallback, (shape[:2] - clamped) // 2, begin[:2])
+    crop = tf.slice(image, tf.concat([begin_hw, [0]], 0), tf.concat([crop_hw, [-1]], 0))
+    return tf.image.resize(tf.cast(crop, tf.float32), (size, size), "bilinear", antialias=True)
+
+
+def resize_shorter(image: tf.Tensor, size: int) -> tf.Tensor:
+    """torchvision ``Resize(size)``: the shorter side becomes ``size``, the longer one is truncated."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = size / tf.reduce_min(shape)
+    new = tf.where(shape == tf.reduce_min(shape), float(size), tf.floor(shape * scale))
+    return tf.image.resize(tf.cast(image, tf.float32), tf.cast(new, tf.int32), "bilinear", antialias=True)
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """torchvision ``CenterCrop(size)``: offsets rounded as ``int(round((h - size) / 2))``."""
+    shape = tf.shape(image)
+    top = tf.cast(tf.round((shape[0] - size) / 2), tf.int32)
+    left = tf.cast(tf.round((shape[1] - size) / 2), tf.int32)
+    return tf.slice(image, [top, left, 0], [size, size, 3])
+
+
+def decode_file(path: tf.Tensor) -> tf.Tensor:
+    """An image file, by its path, as uint8 RGB (H, W, 3)."""
+    return decode_rgb(tf.io.read_file(path))
+
+
+def decode_rgb(data: tf.Tensor) -> tf.Tensor:
+    """An image file's bytes as uint8 RGB (H, W, 3), as training reads every folder image."""
+    # TensorFlow's WebP decoder returns the channels the file has (a WebP with transparency refuses to give
+    # 3): decode a still WebP as it is and drop the alpha, as PIL's convert("RGB") does. Everything else,
+    # animated WebP included (which decode_webp would need as RGBA), goes to decode_image, asked for RGB.
+    head = tf.strings.substr(data, 0, 21) + b"\0" * 21  # RIFF header, padded: short files read as zeros
+    flags = tf.io.decode_raw(tf.strings.substr(head, 20, 1), tf.uint8)[0]  # extended header (VP8X) flags
+    animated = (tf.strings.substr(head, 12, 4) == b"VP8X") & (tf.bitwise.bitwise_and(flags, 2) > 0)
+    still_webp = (tf.strings.substr(head, 8, 4) == b"WEBP") & ~animated
+    image = tf.cond(still_webp, lambda: tf.io.decode_webp(data)[0, :, :, :3],
+                    lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+    image.set_shape([None, None, 3])
+    return image
+
+
+def to_rgb(image: tf.Tensor) -> tf.Tensor:
+    """A decoded gray or RGB image (any integer dtype) as uint8 RGB."""
+    if image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    return tf.cast(image, tf.uint8)
+
