@@ -10,7 +10,9 @@ path and the cause in one line.
 from __future__ import annotations
 
 import contextlib
+import errno as errnos
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,16 +34,48 @@ def describe_os_error(error: OSError) -> str:
     return os.strerror(error.errno).lower() if error.errno else (str(error) or type(error).__name__)
 
 
+# How TensorStore (orbax's array storage) reports the system's error: in its message, not as an OSError.
+_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+_SYSTEM_WORDS = {errnos.ENOSPC: "No space left on device", errnos.EDQUOT: "Disk quota exceeded",
+                 errnos.EACCES: "Permission denied", errnos.EPERM: "Operation not permitted",
+                 errnos.EROFS: "Read-only file system", errnos.ENOENT: "No such file or directory",
+                 errnos.EIO: "Input/output error"}
+
+
+def storage_errno(error: BaseException) -> int | None:
+    """The system error code of a storage failure anywhere in ``error``'s chain (an ``OSError``, or a
+    TensorStore error that quotes one), None when it is no storage failure (then it is a bug to show)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, StorageError) and error.errno:
+            return error.errno
+        if isinstance(error, OSError) and error.errno:
+            return error.errno
+        text = str(error)
+        if match := _TENSORSTORE_OS_ERROR.search(text):
+            return int(match.group(1))
+        for code, words in _SYSTEM_WORDS.items():
+            if words in text:
+                return code
+        error = error.__cause__ or error.__context__
+    return None
+
+
 @contextlib.contextmanager
 def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
-    """An ``OSError`` of the block as a ``StorageError`` naming ``path`` (and ``what`` it is)."""
+    """A storage failure of the block (an ``OSError``, or a library's error quoting the system's, as
+    safetensors' and TensorStore's do) as a ``StorageError`` naming ``path`` (and ``what`` it is)."""
     try:
         yield
     except StorageError:
         raise
-    except OSError as error:
+    except Exception as error:
+        code = storage_errno(error)
+        if code is None:
+            raise
         label = f"{what} {path}" if what else str(path)
-        raise StorageError(f"could not write {label}: {describe_os_error(error)}", error.errno) from error
+        raise StorageError(f"could not write {label}: {os.strerror(code).lower()}", code) from error
 
 
 @contextlib.contextmanager

@@ -1,11 +1,11 @@
-"""One writer per directory: a run's workdir, the weights cache.
+"""One writer per directory (a run's workdir) or per file (an entry of the weights cache).
 
-The lock is ``flock`` on a file in the directory: the kernel releases it when the process that holds it
-ends, however it ends (SIGKILL, a crash, power loss), so a lock is never left behind to clear by hand. The
-file keeps the holder's host, pid and start time for the message a second writer gets. Readers (predict,
-evaluation) never take it. On network filesystems ``flock`` is as good as the filesystem's locking: NFSv4 and
-Lustre/GPFS mounted with locking hold across hosts; a filesystem without locks (``ENOLCK``/``EOPNOTSUPP``) is
-said once on stderr and the run goes on unlocked.
+The lock is ``flock`` on a lock file: the kernel releases it when the process that holds it ends, however it
+ends (SIGKILL, a crash, power loss), so a lock is never left behind to clear by hand. The file keeps the
+holder's host, pid and start time for the message a second writer gets. Readers (predict, evaluation) never
+take it. On network filesystems ``flock`` is as good as the filesystem's locking: NFSv4 and Lustre/GPFS
+mounted with locking hold across hosts; a filesystem without locks (``ENOLCK``/``EOPNOTSUPP``) is said once
+on stderr and the writer goes on unlocked.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from jaxnets.errors import UserError
+from jaxnets.fileio import writing
 
 LOCK_FILE = ".jaxnets.lock"
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_POLL_SECONDS = 0.5
 
 
 class DirectoryInUse(UserError):
-    """Another process holds the directory's lock."""
+    """Another process holds the lock."""
 
 
 def holder_info() -> dict[str, object]:
@@ -38,35 +40,58 @@ def holder_info() -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def hold(directory: str | os.PathLike, *, what: str = "--workdir", enabled: bool = True) -> Iterator[Path | None]:
-    """Hold ``directory``'s lock for the ``with`` block (created if missing); ``DirectoryInUse`` at once,
-    naming ``what`` (the flag or role of the directory) and the holder, when another process has it.
-    ``enabled=False`` (the processes of a multi-process run other than process 0) takes nothing."""
+def hold(directory: str | os.PathLike, *, what: str = "--workdir", target: str | os.PathLike | None = None,
+         lock_file: str = LOCK_FILE, wait: float = 0.0, enabled: bool = True) -> Iterator[Path | None]:
+    """Hold ``directory/lock_file`` for the ``with`` block (the directory is created if missing).
+
+    Another holder: ``DirectoryInUse`` at once, naming ``what`` (the flag or role of the directory), the
+    ``target`` it protects (default: the directory) and the holder; with ``wait`` > 0, wait up to that many
+    seconds for it first. ``enabled=False`` (the processes of a multi-process run other than process 0)
+    takes nothing."""
     if not enabled:
         yield None
         return
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path = directory / lock_file
+    with writing(path, f"the lock of {what}"):
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        if not _acquire(fd, f"{what} {target or directory}", wait):
+            yield None
+            return
+        with writing(path, f"the lock of {what}"):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with the next writer's open)
+
+
+def _acquire(fd: int, label: str, wait: float) -> bool:
+    """Take the lock on ``fd`` (protecting ``label``, for messages): True when taken, False on a filesystem
+    without locks (said on stderr)."""
+    deadline, told = time.monotonic() + wait, False
+    while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
         except BlockingIOError:
-            raise DirectoryInUse(f"{what} {directory} is in use by another run ({_describe(fd)}); wait for it to "
-                                 f"end or use another {what}") from None
+            if time.monotonic() >= deadline:
+                raise DirectoryInUse(f"{label} is in use by another process ({_describe(fd)}); wait for it "
+                                     "to end" + (f" or use another {label.split()[0]}" if label.startswith("--")
+                                                 else "")) from None
+            if not told:
+                print(f"waiting for {label}: in use by another process ({_describe(fd)})", file=sys.stderr,
+                      flush=True)
+                told = True
+            time.sleep(_POLL_SECONDS)
         except OSError as error:
             if error.errno not in _UNSUPPORTED:
                 raise
-            print(f"warning: {what} {directory}: the filesystem has no file locks ({os.strerror(error.errno)}); "
-                  f"make sure no other run uses it", file=sys.stderr)
-            yield None
-            return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
-        yield path
-    finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race with the next run's open)
+            print(f"warning: {label}: the filesystem has no file locks ({os.strerror(error.errno)}); make sure no "
+                  "other process writes there", file=sys.stderr)
+            return False
 
 
 def _describe(fd: int) -> str:

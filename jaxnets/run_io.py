@@ -6,6 +6,7 @@ Only the main process writes or prints (``enabled=False`` elsewhere); every othe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxnets.fileio import atomic_path, write_text
+from jaxnets.fileio import atomic_path, write_text, writing
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -27,12 +28,14 @@ class RunLog:
     """The run directory's logs. ``resume_step`` drops records past the step a run resumes from, so an
     interrupted-and-resumed run's ``metrics.jsonl`` reads like an uninterrupted one."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, resume_step: int = 0, title: str = ""):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
+        self.title = title  # names the run in the plots: "resnet34 on digits"
         if not enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with writing(self.run_dir, "the run directory"):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
         kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= resume_step]
         write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -46,19 +49,20 @@ class RunLog:
             write_text(self.run_dir / CONFIG_FILE, config_json)
 
     def log(self, step: int, epoch: float, split: str, metrics: dict[str, Any]) -> None:
-        """One line of ``metrics.jsonl``: ``step``, ``epoch``, ``split`` ('train' | 'val') and the metrics."""
+        """One line of ``metrics.jsonl``: ``step``, ``epoch``, ``split`` ('train' | 'val' | 'val_ema', the EMA of
+        the weights) and the metrics."""
         if not self.enabled:
             return
         record = {"step": int(step), "epoch": round(float(epoch), 4), "split": split,
                   **{k: _jsonable(v) for k, v in metrics.items()}}
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
+        with writing(self.metrics_path), open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def plot(self, confusion: np.ndarray | None = None, class_names: Sequence[str] = ()) -> None:
         """``curves.png`` from ``metrics.jsonl`` and, given a final confusion matrix, ``confusion_matrix.png``."""
         if not self.enabled:
             return
-        plot_curves(read_metrics(self.metrics_path), self.run_dir / CURVES_FILE)
+        plot_curves(read_metrics(self.metrics_path), self.run_dir / CURVES_FILE, self.title)
         if confusion is not None:
             plot_confusion(confusion, class_names, self.run_dir / CONFUSION_FILE)
 
@@ -89,41 +93,92 @@ class Progress:
 
 
 def epoch_summary(epoch: int, epochs: int, step: int, train: dict[str, float], val: dict[str, float],
-                  images_per_second: float, seconds: float) -> str:
-    """``epoch 3/12  step 66  train loss 0.512 acc 85.1%  val loss 0.321 top1 95.3% top5 99.7%  1200 img/s  12.3s``"""
+                  images_per_second: float, seconds: float, ema: dict[str, float] | None = None) -> str:
+    """``epoch 3/12  step 66  train loss 0.512 acc 85.1%  val loss 0.321 top1 95.3% top5 99.7%  1200 img/s  12.3s``;
+    with an EMA of the weights, its evaluation after the weights' (``ema loss 0.300 top1 95.9%``)."""
     parts = [f"epoch {epoch}/{epochs}", f"step {step}"]
     if train:
-        parts.append(f"train loss {train['loss']:.4f} acc {100 * train['accuracy']:.1f}%")
-    parts.append(f"val loss {val['loss']:.4f} top1 {100 * val['top1']:.2f}%"
-                 + (f" top5 {100 * val['top5']:.2f}%" if "top5" in val else ""))
+        parts.append(f"train loss {train['loss']:.4f}" + (f" acc {100 * train['accuracy']:.1f}%"
+                                                          if "accuracy" in train else ""))
+    parts.append(f"val loss {val['loss']:.4f} {_scores(val)}")
+    if ema:
+        parts.append(f"ema loss {ema['loss']:.4f} {_scores(ema)}")
     parts += [f"{images_per_second:.0f} img/s", f"{seconds:.1f}s"]
     return "  ".join(parts)
 
 
+# What an evaluation reports, in order: single-label top-k, or multi-label (jaxnets.multilabel) scores.
+SCORES = (("top1", "top1"), ("top5", "top5"), ("map", "mAP"), ("f1", "F1"), ("exact_match", "exact"))
+
+
+def _scores(metrics: dict[str, float]) -> str:
+    return " ".join(f"{name} {100 * metrics[key]:.2f}%" for key, name in SCORES if key in metrics)
+
+
+def headline_metric(metrics: dict[str, float]) -> float:
+    """The number a run is judged by: validation top-1, or (multi-label) mAP; what picks the best checkpoint."""
+    return metrics["top1"] if "top1" in metrics else metrics["map"]
+
+
+def headline(metrics: dict[str, float], *, full: bool = True) -> str:
+    """``val top1 97.50% top5 99.72%`` or (multi-label) ``val mAP 81.20% F1 ...``: a final report's scores
+    (``full=False``: the first only)."""
+    scores = _scores(metrics)
+    return f"val {scores if full else ' '.join(scores.split()[:2])}"
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``. A record cut short (the run was killed, or the disk filled, while
+    appending it) is left out: it is past the last checkpoint, so the resumed run logs that step again."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if line.strip():
+                records.append(json.loads(line))
+    return records
 
 
-def plot_curves(records: list[dict[str, Any]], path: str | Path) -> None:
+def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Loss (train and val) and accuracy (train, val top-1, val top-5) against steps."""
+    _save(curves_figure(records, title), path)
+
+
+def curves_figure(records: list[dict[str, Any]], title: str = ""):
+    """The figure of ``plot_curves``. Losses on a log scale: one early spike (a first-epoch validation loss of
+    180) would otherwise flatten every other loss line against zero. The title names the run (``title``) and
+    its best validation top-1."""
     fig, (ax_loss, ax_acc) = _figure(1, 2, (11, 4))
     for split, key, axis, label in (("train", "loss", ax_loss, "train loss"), ("val", "loss", ax_loss, "val loss"),
+                                    ("val_ema", "loss", ax_loss, "val loss (EMA)"),
                                     ("train", "accuracy", ax_acc, "train top-1 (batch)"),
-                                    ("val", "top1", ax_acc, "val top-1"), ("val", "top5", ax_acc, "val top-5")):
+                                    ("val", "top1", ax_acc, "val top-1"), ("val", "top5", ax_acc, "val top-5"),
+                                    ("val_ema", "top1", ax_acc, "val top-1 (EMA)"), ("val", "map", ax_acc, "val mAP"),
+                                    ("val", "f1", ax_acc, "val F1"), ("val_ema", "map", ax_acc, "val mAP (EMA)")):
         points = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
         if points:
             steps, values = zip(*points, strict=True)
-            axis.plot(steps, values, marker="o" if split == "val" else None, markersize=3, label=label)
+            axis.plot(steps, values, marker="o" if split != "train" else None, markersize=3, label=label)
     for axis, ylabel in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         axis.set_xlabel("step")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend()
-    _save(fig, path)
+    losses = [r["loss"] for r in records if "loss" in r]
+    if losses and min(losses) > 0 and all(np.isfinite(losses)):
+        ax_loss.set_yscale("log")
+        ax_loss.set_ylabel("loss (log scale)")
+    key, name = ("map", "mAP") if any("map" in r for r in records) else ("top1", "top-1")
+    best = max((r for r in records if r["split"] == "val" and key in r), key=lambda r: r[key], default=None)
+    if best is not None:
+        title = f"{title}: " if title else ""
+        title += f"best val {name} {100 * best[key]:.2f}% (step {best['step']})"
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str | Path) -> None:
