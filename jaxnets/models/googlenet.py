@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxnets.eval_transform import IMAGENET_MEAN, IMAGENET_STD
+from jaxnets.eval_transform import IMAGENET_MEAN, IMAGENET_STD, extend_to_channels
 from jaxnets.layers import (
     Conv2d,
     Linear,
@@ -25,8 +25,10 @@ from jaxnets.layers import (
     flatten,
     image_model_call,
     max_pool,
+    model_name,
     truncated_normal,
 )
+from jaxnets.models.backbone import FeatureLevel, FeatureTaps, checkpointed
 
 init = truncated_normal(0.01)  # torchvision: trunc_normal_(std=0.01, a=-2, b=2) for conv and linear weights
 
@@ -40,6 +42,9 @@ BLOCKS = (
     ("inception5a", 256, 160, 320, 32, 128, 128), ("inception5b", 384, 192, 384, 48, 128, 128),
 )
 AUX_AFTER = {"inception4a": "aux1", "inception4d": "aux2"}
+# The outputs at each stride (2 to 32), as torchvision nodes (the module names), with their channels.
+FEATURE_LEVELS = (FeatureLevel("conv1", 64, 2), FeatureLevel("conv3", 192, 4), FeatureLevel("inception3b", 480, 8),
+                  FeatureLevel("inception4e", 832, 16), FeatureLevel("inception5b", 1024, 32))
 # Training loss = main + AUX_WEIGHT * (aux1 + aux2): the paper's weight, and torchvision's reference recipe's.
 AUX_WEIGHT = 0.3
 
@@ -124,7 +129,9 @@ class InceptionAux(nn.Module):
 class GoogLeNet(nn.Module):
     """Parameters ``conv1..3``, ``inception3a..5b``, ``aux1``/``aux2``, ``fc``, as in torchvision.
 
-    In training mode with ``aux_logits`` the call returns ``GoogLeNetOutputs``; otherwise logits.
+    In training mode with ``aux_logits`` the call returns ``GoogLeNetOutputs``; otherwise logits. Feature
+    levels: ``FEATURE_LEVELS``; ``remat`` rematerializes each Inception module. A ``features_only`` model has no
+    auxiliary heads.
     """
 
     num_classes: int = 1000
@@ -132,33 +139,49 @@ class GoogLeNet(nn.Module):
     transform_input: bool = False
     dropout: float = 0.2
     dropout_aux: float = 0.7
+    in_chans: int = 3
+    features_only: bool = False
+    out_indices: tuple[int, ...] | None = None
+    remat: bool = False
     dtype: Any = jnp.float32
+
+    def feature_levels(self) -> tuple[FeatureLevel, ...]:
+        return FEATURE_LEVELS
 
     @nn.compact
     @image_model_call
     def __call__(self, x: jax.Array, train: bool = False, *, pre_logits: bool = False,
-                 frozen_norm: tuple[str, ...] = ()) -> jax.Array | GoogLeNetOutputs:
+                 frozen_norm: tuple[str, ...] = ()) -> jax.Array | GoogLeNetOutputs | list[jax.Array]:
         check_probability(self, "dropout")
         check_probability(self, "dropout_aux")
+        taps = FeatureTaps(self, model_name(self))
         norm = batch_norm(train, frozen_norm, eps=1e-3, dtype=self.dtype)
         conv = dict(norm=norm, dtype=self.dtype)
         if self.transform_input:
             x = transform_input(x)
         x = BasicConv2d(64, 7, stride=2, padding=3, name="conv1", **conv)(x)
+        if taps("conv1", x):
+            return taps.maps
         x = max_pool(x, 3, 2, ceil_mode=True)
         x = BasicConv2d(64, 1, name="conv2", **conv)(x)
         x = BasicConv2d(192, 3, padding=1, name="conv3", **conv)(x)
+        if taps("conv3", x):
+            return taps.maps
         x = max_pool(x, 3, 2, ceil_mode=True)
 
         # Aux heads run in training mode only, but are built at init so their parameters exist.
-        run_aux = self.aux_logits and (train or self.is_initializing()) and not pre_logits
+        run_aux = (self.aux_logits and (train or self.is_initializing()) and not pre_logits
+                   and not self.features_only)
         aux = {}
+        inception = checkpointed(Inception, self.remat)
         for block in BLOCKS:
             if isinstance(block, PoolSpec):
                 x = max_pool(x, *block, ceil_mode=True)
                 continue
             name, *widths = block
-            x = Inception(*widths, **conv, name=name)(x)
+            x = inception(*widths, **conv, name=name)(x)
+            if taps(name, x):
+                return taps.maps
             if run_aux and name in AUX_AFTER:
                 head = AUX_AFTER[name]
                 aux[head] = InceptionAux(self.num_classes, norm, self.dropout_aux, self.dtype, name=head)(x, train)
@@ -174,7 +197,13 @@ class GoogLeNet(nn.Module):
 
 def transform_input(x: jax.Array) -> jax.Array:
     """torchvision's ``transform_input``: re-normalize ImageNet-normalized input to the (x - 0.5) / 0.5
-    normalization the original Inception weights were trained with."""
-    mean = jnp.array(IMAGENET_MEAN, x.dtype)
-    std = jnp.array(IMAGENET_STD, x.dtype)
+    normalization the original Inception weights were trained with.
+
+    With other than 3 channels the input is normalized with ImageNet's statistics extended to those channels
+    (``eval_transform.extend_to_channels``, what the input pipeline and ``predict`` use), and these are undone
+    here: the stem still sees (pixel - 0.5) / 0.5 in every channel, what its (adapted) filters were trained on.
+    """
+    channels = x.shape[-1]
+    mean = jnp.array(extend_to_channels(IMAGENET_MEAN, channels), x.dtype)
+    std = jnp.array(extend_to_channels(IMAGENET_STD, channels), x.dtype)
     return x * (std / 0.5) + (mean - 0.5) / 0.5

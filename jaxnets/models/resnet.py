@@ -17,7 +17,9 @@ from jaxnets.layers import (
     image_model_call,
     kaiming_normal_fan_out,
     max_pool,
+    model_name,
 )
+from jaxnets.models.backbone import FeatureLevel, FeatureTaps, checkpointed
 
 ModuleFactory = Callable[..., nn.Module]
 
@@ -86,23 +88,30 @@ class Downsample(nn.Module):
 
 
 class Stage(nn.Module):
-    """``layer1`` ... ``layer4``: blocks named ``0``, ``1``, ...; the first one may downsample."""
+    """``layer1`` ... ``layer4``: blocks named ``0``, ``1``, ...; the first one may downsample. With ``remat``,
+    each block is rematerialized."""
 
     block_cls: type[ResidualBlock]
     num_blocks: int
     planes: int
     stride: int
     block_kwargs: dict
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        block_cls = checkpointed(self.block_cls, self.remat)
         for i in range(self.num_blocks):
-            x = self.block_cls(self.planes, self.stride if i == 0 else 1, name=str(i), **self.block_kwargs)(x)
+            x = block_cls(self.planes, self.stride if i == 0 else 1, name=str(i), **self.block_kwargs)(x)
         return x
 
 
 class ResNet(nn.Module):
-    """Parameters ``conv1``, ``bn1``, ``layer{1..4}/<block>/...``, ``fc``, as in torchvision."""
+    """Parameters ``conv1``, ``bn1``, ``layer{1..4}/<block>/...``, ``fc``, as in torchvision.
+
+    Feature levels: the stem's ReLU (torchvision's node ``relu``, stride 2) and ``layer1``..``layer4`` (strides
+    4 to 32), as timm's; ``remat`` rematerializes each residual block.
+    """
 
     stage_sizes: Sequence[int]
     block_cls: type[ResidualBlock]
@@ -110,23 +119,37 @@ class ResNet(nn.Module):
     groups: int = 1
     width_per_group: int = 64
     zero_init_residual: bool = False
+    in_chans: int = 3
+    features_only: bool = False
+    out_indices: tuple[int, ...] | None = None
+    remat: bool = False
     dtype: Any = jnp.float32
+
+    def feature_levels(self) -> tuple[FeatureLevel, ...]:
+        stem = FeatureLevel("relu", 64, 2)
+        return (stem, *(FeatureLevel(f"layer{i + 1}", 64 * 2**i * self.block_cls.expansion, 4 * 2**i)
+                        for i in range(len(self.stage_sizes))))
 
     @nn.compact
     @image_model_call
     def __call__(self, x: jax.Array, train: bool = False, *, pre_logits: bool = False,
-                 frozen_norm: tuple[str, ...] = ()) -> jax.Array:
+                 frozen_norm: tuple[str, ...] = ()) -> jax.Array | list[jax.Array]:
+        taps = FeatureTaps(self, model_name(self))
         norm = batch_norm(train, frozen_norm, dtype=self.dtype)
         # zero_init_residual: each residual branch starts at zero, so every block starts as an identity.
         last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         last_norm = batch_norm(train, frozen_norm, dtype=self.dtype, scale_init=last_scale)
-        x = conv(64, 7, 2, dtype=self.dtype, name="conv1")(x)
-        x = max_pool(nn.relu(norm(name="bn1")(x)), 3, 2, 1)
+        x = nn.relu(norm(name="bn1")(conv(64, 7, 2, dtype=self.dtype, name="conv1")(x)))
+        if taps("relu", x):
+            return taps.maps
+        x = max_pool(x, 3, 2, 1)
         block_kwargs = dict(norm=norm, last_norm=last_norm, groups=self.groups,
                             width_per_group=self.width_per_group, dtype=self.dtype)
         for i, num_blocks in enumerate(self.stage_sizes):
-            x = Stage(self.block_cls, num_blocks, 64 * 2**i, 1 if i == 0 else 2, block_kwargs,
+            x = Stage(self.block_cls, num_blocks, 64 * 2**i, 1 if i == 0 else 2, block_kwargs, self.remat,
                       name=f"layer{i + 1}")(x)
+            if taps(f"layer{i + 1}", x):
+                return taps.maps
         x = adaptive_avg_pool(x, 1).reshape(x.shape[0], -1)
         if pre_logits:
             return x
