@@ -1,0 +1,252 @@
+"""Evaluate a weights file on a dataset: which weights, which images, and the pass over them on every device.
+
+The weights are a file, a ``train.py`` run directory (its final weights, on its dataset by default) or
+torchvision's by name; the eval transform is the weights' own (IMAGENET1K_V2: resize 232, crop 224; a
+fine-tuned file: the sizes it was validated at). ``--preprocess torchvision`` is PIL exactly as torchvision's
+``weights.transforms()`` (the default for torchvision's and other PyTorch weights); ``tf`` is ``train.py``'s
+tf.data pipeline (the default for ``train.py``'s weights, which were validated with it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnets import host, parallel, predict
+from jaxnets.data import Shard
+from jaxnets.errors import UserError
+from jaxnets.eval_transform import EvalTransform
+from jaxnets.evaluate import report
+from jaxnets.evaluate.inputs import PREPROCESS, EvalData, load_eval_data
+from jaxnets.evaluate.metrics import TOP_K, Records, summary
+from jaxnets.registry import PretrainedWeights, get_spec, imagenet_categories, imagenet_wnids
+from jaxnets.run_io import CONFIG_FILE
+from jaxnets.training import FINAL_WEIGHTS, cross_entropy
+from jaxnets.weights import WeightsFile, instantiate, load_weights, open_pretrained, torchvision_weights_of
+
+DEFAULT_BATCH = 64  # global; rounded up to a multiple of the device count
+EVAL_DIR = Path("runs")  # where the reports of torchvision's weights go by default (not into the weights cache)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate on what: the command's flags."""
+
+    model: str | None = None
+    weights: str | None = None  # a weights file or a train.py run directory
+    pretrained: str | None = None  # torchvision's weights by name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT)
+    dataset: str | None = None
+    data_dir: str | None = None
+    split: str | None = None
+    preprocess: str | None = None
+    batch_size: int | None = None
+    workers: int | None = None
+    worker_kind: str = "process"
+    devices: int | None = None
+    dtype: str = "float32"
+    output: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Weights:
+    """The weights to evaluate, opened, and what they say about how to evaluate them."""
+
+    file: WeightsFile
+    published: PretrainedWeights | None  # torchvision's weights they are, if they are
+    run_config: dict[str, Any] = field(default_factory=dict)  # the train.py run's settings, from a run directory
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+    @property
+    def transform(self) -> EvalTransform:
+        return predict.eval_transform(self.name, self.file)
+
+    @property
+    def default_preprocess(self) -> str:
+        """The pipeline the weights were validated with: recorded in the file, else ``tf`` for ``train.py``'s
+        weights and ``torchvision`` for torchvision's and any other PyTorch-born file."""
+        recorded = self.file.metadata.get("preprocess")
+        if recorded in PREPROCESS:
+            return recorded
+        return "tf" if self.file.metadata.get("source") == "train.py" else "torchvision"
+
+    def about(self) -> dict[str, Any]:
+        """What the report says about the weights: model, file, content hash, and for torchvision's weights
+        their version, published ImageNet-1k accuracy and training recipe."""
+        published = self.published
+        return {"model": self.name, "weights": str(self.file.path), "weights_sha256": self.file.sha256,
+                "torchvision_weights": published.torchvision_name if published else None,
+                "published": {"acc1": published.acc1, "acc5": published.acc5, "recipe": published.recipe}
+                if published else None}
+
+    def output_names(self) -> list[tuple[str, ...]]:
+        """The names each output answers to: the recorded class names, ImageNet's WordNet id and name for
+        1000 outputs (the order of ImageNet's sorted synset folders), else none."""
+        names = predict.category_names(self.file)
+        if names == imagenet_categories():
+            return list(zip(imagenet_wnids(), names, strict=True))
+        return [(name,) for name in names]
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation found; ``report`` is what ``eval.json`` holds."""
+
+    metrics: dict[str, float | int]
+    records: Records
+    data: EvalData
+    report: dict[str, Any]
+    output: Path | None = None
+
+
+def open_weights(config: EvalConfig) -> Weights:
+    """``--weights FILE|RUN_DIR`` or ``--pretrained [NAME]`` (one of them), checked against ``--model``."""
+    if (config.weights is None) == (config.pretrained is None):
+        raise UserError("give the weights to evaluate: --weights FILE (or a train.py run directory), or "
+                        "--pretrained [NAME] with --model")
+    run_config: dict[str, Any] = {}
+    if config.pretrained is not None:
+        if config.model is None:
+            raise UserError("--pretrained needs --model NAME")
+        weights_file = open_pretrained(config.model, config.pretrained)
+    else:
+        path = Path(config.weights)
+        if path.is_dir():
+            run_config = _run_settings(path)
+            path = path / FINAL_WEIGHTS
+        weights_file = load_weights(path)
+        if config.model is not None and get_spec(config.model).name != weights_file.name:
+            raise UserError(f"--model {config.model}: {path} holds {weights_file.name} weights")
+    return Weights(weights_file, torchvision_weights_of(weights_file), run_config)
+
+
+def _run_settings(run_dir: Path) -> dict[str, Any]:
+    """The settings of the run in ``run_dir`` (its ``config.json``), for the dataset it was validated on."""
+    from jaxnets.config import TrainConfig
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    return TrainConfig.settings_from_json(path.read_text(encoding="utf-8"), str(path))
+
+
+def evaluate(config: EvalConfig) -> EvalResult:
+    """Evaluate the weights on every image of the split, data-parallel on all devices (of all processes);
+    the main process writes ``eval.json`` and the confusion matrix to the output directory."""
+    parallel.initialize()
+    weights = open_weights(config)
+    preprocess = config.preprocess or weights.default_preprocess
+    if preprocess not in PREPROCESS:
+        raise UserError(f"--preprocess {preprocess!r}: choose one of {', '.join(PREPROCESS)}")
+    dataset = config.dataset or weights.run_config.get("dataset")
+    if dataset is None:
+        raise UserError("--dataset is needed (a folder of class folders, 'digits', or a TFDS name such as "
+                        "imagenet2012)")
+    mesh = parallel.make_mesh(config.devices)
+    global_batch = _global_batch(config.batch_size, mesh.devices.size)
+    parallel.check_batch_size(global_batch, mesh)
+    transform = weights.transform
+    data = load_eval_data(dataset, config.data_dir or weights.run_config.get("data_dir"), config.split, transform,
+                          global_batch, weights.output_names(), Shard(jax.process_index(), jax.process_count()),
+                          val_fraction=weights.run_config.get("val_fraction", 0.2))
+    model, variables = instantiate(weights.file, dtype=jnp.dtype(config.dtype))
+    num_outputs = weights.file.num_classes
+    step = make_eval_step(model, mesh, min(TOP_K, num_outputs))
+    workers = config.workers or os.cpu_count() or 1
+    start = time.perf_counter()
+    records, rate = run_pass(step, jax.device_put(variables, parallel.replicated(mesh)),
+                             data.batches(preprocess, transform, workers, config.worker_kind), mesh, len(data),
+                             enabled=config.progress and parallel.is_main_process())
+    metrics = summary(records, num_outputs)
+    names = predict.category_names(weights.file)
+    payload = report.build(weights.about(), names, data, records, metrics, preprocess=preprocess,
+                           transform=transform, images_per_second=rate, seconds=time.perf_counter() - start,
+                           devices=mesh.devices.size)
+    output = None
+    if parallel.is_main_process():
+        output = _output_dir(config, weights, data)
+        report.write(output, payload, records, names)
+        report.show(payload, output)
+    return EvalResult(metrics, records, data, payload, output)
+
+
+def _global_batch(batch_size: int | None, devices: int) -> int:
+    if batch_size is not None:
+        return batch_size
+    return -(-DEFAULT_BATCH // devices) * devices
+
+
+def _output_dir(config: EvalConfig, weights: Weights, data: EvalData) -> Path:
+    """``--output``, else next to the weights file; torchvision's weights (in the cache) report to
+    ``runs/eval-<weights file>-<dataset>``."""
+    if config.output:
+        return Path(config.output)
+    if config.pretrained is not None:
+        return EVAL_DIR / f"eval-{Path(weights.file.path).stem}-{data.name}"
+    return Path(weights.file.path).parent
+
+
+def make_eval_step(model: Any, mesh: Any, k: int) -> Callable:
+    """``step(variables, batch)``: each image's label, mask, k best outputs with their probabilities and its
+    cross-entropy, replicated to every process (every process's images reach the report)."""
+
+    def step(variables: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+        top_logits, top = jax.lax.top_k(logits, k)
+        log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        return {"label": batch["label"], "mask": batch["mask"], "top": top, "prob": jnp.exp(top_logits - log_norm),
+                "loss": cross_entropy(logits, batch["label"])}
+
+    replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(replicated, split), out_shardings=replicated,
+                   compiler_options=host.xla_cpu_options())
+
+
+def run_pass(step: Callable, variables: Any, batches: Iterator[dict[str, np.ndarray]], mesh: Any, total: int, *,
+             enabled: bool = True) -> tuple[Records, float]:
+    """Every batch through ``step`` (the next ones loading and on their way to the devices meanwhile):
+    the records of the real images, in order, and the images per second after the first batch (which
+    includes compiling)."""
+    from tqdm.auto import tqdm
+
+    parts: list[Records] = []
+    pending: deque = deque()
+    bar = tqdm(total=total, unit="img", desc="evaluating", dynamic_ncols=True, disable=not enabled)
+    first_done: tuple[float, int] | None = None
+    done = 0
+
+    def collect(outputs: dict[str, jax.Array]) -> None:
+        nonlocal first_done, done
+        out = parallel.to_host(outputs)
+        keep = out["mask"].astype(bool)
+        parts.append(Records(out["label"][keep], out["top"][keep], out["prob"][keep], out["loss"][keep]))
+        done += int(keep.sum())
+        bar.update(int(keep.sum()))
+        if first_done is None:
+            first_done = (time.perf_counter(), done)
+
+    for batch in parallel.prefetch_to_mesh(batches, mesh):
+        pending.append(step(variables, batch))
+        if len(pending) > 1:  # fetch the previous batch's results while this one computes
+            collect(pending.popleft())
+    while pending:
+        collect(pending.popleft())
+    bar.close()
+    records = Records.concatenate(parts) if parts else Records(*(np.zeros((0,) + s) for s in ((), (1,), (1,), ())))
+    rate = 0.0
+    if first_done is not None and done > first_done[1]:
+        rate = (done - first_done[1]) / max(time.perf_counter() - first_done[0], 1e-9)
+    return records, rate
+
