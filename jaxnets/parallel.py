@@ -8,9 +8,12 @@ own slice of the global batch (``jax.make_array_from_process_local_data``).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,27 +24,43 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxnets.errors import UserError
 
 DATA_AXIS = "data"
+# Clusters where jax.distributed.initialize() pins each process to the one local device of its local rank
+# (jax/_src/clusters/cluster.py: local_device_ids = [local_process_id] when none is given).
+RANK_PINNING_CLUSTERS = ("slurm", "ompi")
+_GPU_VISIBILITY = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")
+# What JAX's own detection cannot see, for JAX versions whose private cluster API differs (see detected_cluster).
+_FALLBACK_CLUSTER_VARIABLES = {"ompi": ("OMPI_MCA_orte_hnp_uri",),
+                               "slurm": ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                                         "SLURM_LOCALID"),
+                               "gketpu": ("TPU_WORKER_HOSTNAMES",)}
 
-# Environment variables that mean "this process is one of several": JAX's own cluster auto-detection
-# (jax.distributed.initialize() without arguments) then finds the coordinator and the process id.
-CLUSTER_ENV = {
-    "JAX_COORDINATOR_ADDRESS": None,
-    "OMPI_COMM_WORLD_SIZE": "size",  # Open MPI (mpirun)
-    "SLURM_NTASKS": "size",  # Slurm (srun)
-    "TPU_WORKER_HOSTNAMES": "hosts",  # Cloud TPU pods
-}
 
+def detected_cluster() -> str | None:
+    """The cluster environment ``jax.distributed.initialize()`` would bootstrap from without arguments
+    ('ompi', 'slurm', 'gcetpu', 'gketpu', 'k8s', ...), or None.
 
-def cluster_detected() -> bool:
-    """Whether the environment describes a multi-process launch JAX can auto-detect."""
-    for var, kind in CLUSTER_ENV.items():
-        value = os.environ.get(var)
-        if not value:
+    JAX's own list, so every environment it knows is detected: its ``ClusterEnv`` subclasses are private API
+    (``jax._src.clusters``). Where that API is missing or changed, a fallback checks the variables of the
+    environments JAX knew when this was written (Open MPI, Slurm, GKE TPU). A detector that fails (the
+    Kubernetes one needs the ``kubernetes`` package and the pod's API access) counts as absent."""
+    try:
+        from jax._src import clusters  # private: no public API lists the detectable environments
+        environments = list(clusters.ClusterEnv._cluster_types)
+    except (ImportError, AttributeError):
+        environments = None
+    if not environments:
+        return next((name for name, variables in _FALLBACK_CLUSTER_VARIABLES.items()
+                     if all(v in os.environ for v in variables)), None)
+    for env in environments:
+        if getattr(env, "opt_in_only_method", False):  # mpi4py: only when asked for by name
             continue
-        if kind is None or (kind == "size" and value.isdigit() and int(value) > 1) or (
-                kind == "hosts" and "," in value):
-            return True
-    return False
+        try:
+            present = env.is_env_present()
+        except Exception:  # e.g. Kubernetes variables without API access: not a cluster JAX can join
+            present = False
+        if present:
+            return getattr(env, "name", "") or env.__name__.removesuffix("Cluster").lower()
+    return None
 
 
 def parse_coordinator(address: str) -> tuple[str, int]:
@@ -54,30 +73,230 @@ def parse_coordinator(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-    """Start ``jax.distributed`` when the run is one of several processes: explicit arguments, or an
-    auto-detected cluster (Slurm, Open MPI, TPU pods, ``JAX_COORDINATOR_ADDRESS``). A no-op for a single
-    process or when already initialized. Must run before anything touches a JAX device."""
+def parse_local_devices(text: str | None) -> str | tuple[int, ...]:
+    """``--local-devices``: 'auto' (also for None), 'all', or distinct device indices ``0,1,...`` (as this
+    process numbers its visible devices: after ``CUDA_VISIBLE_DEVICES``)."""
+    text = "auto" if text is None else text.strip()
+    if text in ("auto", "all"):
+        return text
+    try:
+        ids = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        ids = ()
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise UserError(f"--local-devices {text!r}: expected all, auto or distinct device indices such as 0,1,2,3")
+    return ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process joins the run: the arguments for ``jax.distributed.initialize`` and why.
+
+    ``local_device_ids`` None means every device the process sees. ``cluster`` is the environment JAX detects,
+    'explicit' for ``--coordinator``, or None for a single process."""
+
+    cluster: str | None
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None
+    reason: str = "all devices"
+
+    @property
+    def multi_process(self) -> bool:
+        return self.cluster is not None
+
+    def initialize_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``jax.distributed.initialize``: None ones are left to JAX's detection."""
+        kwargs: dict[str, Any] = {"coordinator_address": self.coordinator, "num_processes": self.num_processes,
+                                  "process_id": self.process_id}
+        if self.local_device_ids is not None:
+            kwargs["local_device_ids"] = list(self.local_device_ids)
+        elif self.cluster == "explicit" and _accepts("cluster_detection_method"):
+            # All devices: stop JAX from filling local_device_ids in from a cluster it detects (a hand-started
+            # process inside a Slurm allocation would be pinned to one device). A JAX older than 'deactivate'
+            # logs that it knows no such method and goes on without detection, which is the same.
+            kwargs["cluster_detection_method"] = "deactivate"
+        return kwargs
+
+    def describe(self) -> str:
+        where = {None: "single process", "explicit": "--coordinator"}.get(self.cluster, self.cluster)
+        return f"{where}, {self.reason}"
+
+
+def plan_launch(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+                local_devices: str | None = None) -> Launch:
+    """Whether and how this process joins a multi-process run, decided from the flags and the environment
+    (the cluster as JAX detects it; under Slurm and Open MPI, the processes and GPUs on this host)."""
+    environ = os.environ
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
         raise UserError("--coordinator, --num-processes and --process-id go together (give all three, or none "
                         "and let a cluster environment be auto-detected)")
     if coordinator is not None:
         parse_coordinator(coordinator)
+    choice = parse_local_devices(local_devices)
+    cluster = "explicit" if coordinator is not None else detected_cluster()
+    if cluster is None and environ.get("JAX_COORDINATOR_ADDRESS"):
+        cluster = "JAX_COORDINATOR_ADDRESS"
+    base = Launch(cluster, coordinator, num_processes, process_id)
+    if isinstance(choice, tuple):
+        return dataclasses.replace(base, local_device_ids=choice,
+                                   reason=f"local devices {_ids(choice)} (--local-devices)")
+    if choice == "auto" and environ.get("JAX_LOCAL_DEVICE_IDS"):
+        ids = parse_local_devices(environ["JAX_LOCAL_DEVICE_IDS"])
+        return dataclasses.replace(base, local_device_ids=ids, reason=f"local devices {_ids(ids)} "
+                                   "(JAX_LOCAL_DEVICE_IDS)")
+    if cluster not in RANK_PINNING_CLUSTERS:  # JAX leaves every device to the process
+        return dataclasses.replace(base, reason="all local devices")
+    visible = visible_gpus(environ)
+    if not visible:  # device pinning only applies to GPUs
+        return dataclasses.replace(base, reason="no GPUs seen: JAX's default of one GPU per local rank")
+    if choice == "all":
+        return dataclasses.replace(base, local_device_ids=tuple(range(visible)),
+                                   reason=f"all {visible} local GPUs (--local-devices all)")
+    return dataclasses.replace(base, **_split_host_gpus(cluster, environ, visible))
+
+
+def _split_host_gpus(cluster: str, environ: Mapping[str, str], visible: int) -> dict[str, Any]:
+    """``--local-devices auto`` under Slurm or Open MPI: this process's share of its host's GPUs, from the
+    number of processes on the host and the GPUs this process sees."""
+    if cluster == "slurm":
+        rank, size = int(environ.get("SLURM_LOCALID", "0")), slurm_tasks_on_node(environ)
+        host_gpus = slurm_gpus_on_node(environ)
+    else:
+        rank = int(environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
+        size = int(environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "0")) or None
+        host_gpus = _gpu_device_files() if any(v in environ for v in _GPU_VISIBILITY) else None
+    if size is None:
+        return {"local_device_ids": (rank,), "reason": f"local rank {rank}, processes per host unknown: one GPU "
+                                                       "(JAX's default)"}
+    if size == 1:
+        return {"local_device_ids": tuple(range(visible)), "reason": f"one process per host: all {visible} GPUs"}
+    if (host_gpus is not None and visible < host_gpus) or visible < size:
+        # The launcher gave each process its own GPUs (Slurm --gpus-per-task, CUDA_VISIBLE_DEVICES per rank).
+        return {"local_device_ids": tuple(range(visible)),
+                "reason": f"{size} processes per host, each with its own {visible} GPU(s)"}
+    if visible % size:
+        raise UserError(f"inconsistent launch: {visible} GPUs cannot be split evenly over the {size} processes "
+                        f"on this host; start {', '.join(str(d) for d in _divisors(visible))} per host, or give "
+                        "--local-devices")
+    share = visible // size
+    ids = tuple(range(rank * share, (rank + 1) * share))
+    label = "one process per GPU" if share == 1 else f"{size} processes per host"
+    return {"local_device_ids": ids, "reason": f"{label}: local rank {rank} of {size} takes GPU(s) {_ids(ids)} "
+                                               f"of {visible}"}
+
+
+def visible_gpus(environ: Mapping[str, str]) -> int | None:
+    """How many GPUs this process sees, known before JAX starts: ``CUDA_VISIBLE_DEVICES`` (or ROCm's) when set,
+    else Slurm's count for this node, else the NVIDIA device files; None where nothing tells."""
+    for variable in _GPU_VISIBILITY:
+        if variable in environ:
+            value = environ[variable].strip()
+            return 0 if value in ("", "-1", "NoDevFiles") else len(value.split(","))
+    on_node = slurm_gpus_on_node(environ) if "SLURM_JOB_ID" in environ else None
+    return on_node if on_node is not None else _gpu_device_files()
+
+
+def slurm_gpus_on_node(environ: Mapping[str, str]) -> int | None:
+    """GPUs Slurm allocated to the job step on this node: ``SLURM_GPUS_ON_NODE``, else the length of
+    ``SLURM_STEP_GPUS`` / ``SLURM_JOB_GPUS``."""
+    if environ.get("SLURM_GPUS_ON_NODE", "").isdigit():
+        return int(environ["SLURM_GPUS_ON_NODE"])
+    for variable in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        if environ.get(variable):
+            return len(environ[variable].split(","))
+    return None
+
+
+def slurm_tasks_on_node(environ: Mapping[str, str]) -> int | None:
+    """Tasks of this step on this node: ``SLURM_STEP_TASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE`` (Slurm's
+    compressed per-node list, ``2(x3),1``, at ``SLURM_NODEID``), else ``SLURM_NTASKS_PER_NODE``."""
+    node = int(environ.get("SLURM_NODEID", "0"))
+    for variable in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        counts = []
+        for part in filter(None, environ.get(variable, "").split(",")):
+            count, _, repeat = part.partition("(x")
+            counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+        if counts:
+            return counts[min(node, len(counts) - 1)]
+    value = environ.get("SLURM_NTASKS_PER_NODE", "")
+    return int(value) if value.isdigit() else None
+
+
+def _gpu_device_files() -> int | None:
+    """NVIDIA GPUs on this host by their device files (``/dev/nvidia0``, ...), without starting CUDA."""
+    count = sum(1 for path in Path("/dev").glob("nvidia*") if path.name[6:].isdigit())
+    return count or None
+
+
+def _accepts(parameter: str) -> bool:
+    return parameter in inspect.signature(jax.distributed.initialize).parameters
+
+
+def _ids(ids: Sequence[int]) -> str:
+    return ",".join(map(str, ids))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+_launch = Launch(None)  # what initialize() did in this process, for describe_topology
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, local_devices: str | None = None) -> Launch:
+    """Start ``jax.distributed`` when the run is one of several processes: explicit arguments, or a cluster
+    JAX detects (Slurm, Open MPI, Kubernetes, TPU pods, ``JAX_COORDINATOR_ADDRESS``), each process driving
+    the devices ``plan_launch`` gives it. A no-op for a single process (but for ``--local-devices`` ids, which
+    then limit the GPUs this process uses) and when already initialized. Must run before anything touches
+    a JAX device."""
+    global _launch
+    launch = plan_launch(coordinator, num_processes, process_id, local_devices)
     if jax.distributed.is_initialized():
-        return
-    if coordinator is None and not cluster_detected():
-        return
+        return _launch
+    if not launch.multi_process:
+        if launch.local_device_ids is not None:
+            for platform in ("cuda", "rocm"):
+                jax.config.update(f"jax_{platform}_visible_devices", _ids(launch.local_device_ids))
+        _launch = launch
+        return launch
     # CPU devices of several processes talk through gloo (the default CPU client has no collectives).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(**launch.initialize_kwargs())
+    _launch = launch
+    return launch
+
+
+def check_topology(devices: Sequence[Any], process_count: int) -> None:
+    """Every process must drive the same number of devices (a batch is split evenly over processes, then
+    devices): a one-line error otherwise, raised on every process alike, since each sees every device."""
+    counts = Counter(d.process_index for d in devices)
+    missing = [p for p in range(process_count) if p not in counts]
+    if missing or len(set(counts.values())) > 1:
+        per_process = ", ".join(f"process {p}: {counts.get(p, 0)}" for p in range(process_count))
+        raise UserError(f"inconsistent launch: processes drive different numbers of devices ({per_process}); "
+                        "start the same number of processes on every host, or give --local-devices")
+
+
+def describe_topology(mesh: Mesh) -> str:
+    """The launch in one line: processes, devices per process, global devices, the mesh, and how the
+    local devices were chosen."""
+    devices = mesh.devices.ravel()
+    processes = jax.process_count()
+    shape = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    return (f"{len(devices)} {devices[0].platform} device(s) in {processes} process(es), "
+            f"{jax.local_device_count()} per process, {jax.device_count()} global; mesh {shape}; "
+            f"launch: {_launch.describe()}")
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D ``'data'`` mesh over all devices of all processes, or the first ``num_devices`` of them
     (single process only: every process must own devices of a multi-process mesh)."""
     devices = jax.devices()
+    check_topology(devices, jax.process_count())
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
             raise UserError(f"--devices {num_devices}: there are {len(devices)} device(s) "

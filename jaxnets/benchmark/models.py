@@ -8,13 +8,16 @@ cost analysis against a large matmul timed in the same run.
     python -m jaxnets.benchmark --model resnet50 --batch-size 16 --mode both --compare-torch
     python -m jaxnets.benchmark --all --compare-torch --output benchmark.md
     python -m jaxnets.benchmark --model vgg16 --conv-layers    # where: each convolution alone
+    python -m jaxnets.benchmark --model resnet50 --batch-size 64 --mode train --remat   # gradient checkpointing
 
 What is timed is ``jaxnets.training``'s jitted, state-donating train step (SGD, momentum 0.9; with
 ``probe`` the backbone frozen as ``--freeze backbone`` does) or the jitted eval forward, after
 warm-up (median of ``--iters`` calls, each ending in ``jax.block_until_ready``), against torch's
 ``train()`` step (forward, cross-entropy, backward, SGD with momentum) and ``eval()`` +
 ``inference_mode`` forward. The steps take turns, so a machine whose load changes during the run
-slows both alike and the ratio holds.
+slows both alike and the ratio holds. ``--remat`` times, in the same way, the train step of the model built
+with and without gradient checkpointing (``create_model(name, remat=True)``, the step compiled as
+``train.py --remat`` compiles it) and reports XLA's memory of each.
 """
 
 from __future__ import annotations
@@ -39,11 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import errors, host, parallel, training, transfer
+from jaxnets import errors, host, kernels, parallel, training, transfer
 from jaxnets.benchmark import conv_timing
 from jaxnets.benchmark.timing import num_threads, time_interleaved, torchvision_model
 from jaxnets.config import check_image_size
 from jaxnets.errors import UserError
+from jaxnets.models.backbone import REMAT_POLICY, remat_compiler_options
 from jaxnets.models.googlenet import AUX_WEIGHT
 from jaxnets.registry import create_model, get_spec, list_models
 
@@ -87,6 +91,21 @@ def device_description() -> str:
     return f"{cpu}, {num_threads()} cores"
 
 
+def kernel_context() -> dict[str, str]:
+    """What a report says about the CPU and which of jaxnets' kernel variants ran (``jaxnets.kernels``)."""
+    context = {"kernels": kernels.current().describe()}
+    if jax.default_backend() == "cpu":
+        context["cpu_vector_extensions"] = kernels.vector_extensions()
+    return context
+
+
+def kernel_line(context: dict) -> str:
+    line = f"jaxnets kernels: {context['kernels']}."
+    if "cpu_vector_extensions" in context:
+        line = f"CPU vector extensions: {context['cpu_vector_extensions']}. " + line
+    return line
+
+
 # --- yardsticks ------------------------------------------------------------------------------
 
 
@@ -117,7 +136,8 @@ def peak_memory() -> tuple[int, str]:
 
 
 def compiled_flops(compiled: Any) -> float | None:
-    """FLOPs per call from XLA's cost analysis (a dict, or a list of one dict in older JAX)."""
+    """FLOPs per call from XLA's cost analysis of a compiled or a lowered program (a dict, or a list of one
+    dict in older JAX); None where the backend does not count them."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else None
@@ -143,26 +163,30 @@ class JaxSetup(NamedTuple):
     state: Callable[[], Any]
     compiled: Any
     compile_s: float
+    flops: float | None = None  # per call, XLA's count of the program as written (before optimization)
 
 
 def setup_jax(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtype: Any,
-              learning_rate: float = 0.01) -> JaxSetup:
+              learning_rate: float = 0.01, *, remat: bool = False, remat_options: bool = True) -> JaxSetup:
     """The model, its variables and the jitted step for ``mode``, compiled (and the compile timed).
 
     Training is ``jaxnets.training``'s step (data-parallel over all devices, state donated) with SGD
     and momentum 0.9; ``probe`` freezes the backbone with ``jaxnets.transfer``, as ``--freeze backbone``.
+    ``remat``: the model built with gradient checkpointing, its step compiled as ``train.py --remat`` does
+    (with ``remat_compiler_options``; without them when not ``remat_options``).
     """
-    model = create_model(name, dtype=dtype)
+    model = create_model(name, dtype=dtype, **({"remat": True} if remat else {}))
     mesh = parallel.make_mesh()
     variables = training.init_variables(model, images.shape[1], 0, mesh)
     batch = parallel.to_global({"image": images, "label": labels.astype(np.int32)}, mesh)
     if mode == "infer":
         step = jax.jit(partial(model.apply, train=False), compiler_options=host.xla_cpu_options())
         start = time.perf_counter()
-        compiled = step.lower(variables, batch["image"]).compile()
+        lowered = step.lower(variables, batch["image"])
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - start
         return JaxSetup(lambda: jax.block_until_ready(compiled(variables, batch["image"])), lambda: variables,
-                        compiled, compile_s)
+                        compiled, compile_s, compiled_flops(lowered))
 
     sgd = optax.sgd(learning_rate, momentum=0.9)
     if mode == "probe":
@@ -171,31 +195,35 @@ def setup_jax(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtyp
                                             frozen_norm=transfer.frozen_modules(name, mask), trainable_mask=mask)
     else:
         state = training.create_train_state(model, variables, sgd, mesh, seed=1)
-    step = training.make_train_step(mesh, aux_weight=AUX_WEIGHT)
+    step = training.make_train_step(mesh, aux_weight=AUX_WEIGHT, remat=remat and remat_options)
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    lowered = step.lower(state, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     holder = [state]  # the step donates the state it is given: keep only the newest
 
     def call() -> jax.Array:
         holder[0], metrics = compiled(holder[0], batch)
         return jax.block_until_ready(metrics["loss"])
-    return JaxSetup(call, lambda: holder[0], compiled, compile_s)
+    return JaxSetup(call, lambda: holder[0], compiled, compile_s, compiled_flops(lowered))
 
 
 # --- torchvision steps -----------------------------------------------------------------------
 
 
 def setup_torch(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtype: str,
-                threads: int) -> Callable[[], None]:
-    """torchvision's eager model on the same values: ``train()`` + SGD step, or ``eval()`` + inference_mode."""
+                threads: int, *, channels_last: bool = False, compile: bool = False) -> Callable[[], None]:
+    """torchvision's eager model on the same values: ``train()`` + SGD step, or ``eval()`` + inference_mode;
+    with ``channels_last`` in NHWC memory layout, with ``compile`` through ``torch.compile`` (compiled at the
+    first call)."""
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-    model = torchvision_model(name).to(device)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = torchvision_model(name).to(device, memory_format=memory_format)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device, memory_format=memory_format)
     y = torch.from_numpy(labels).to(device)
     # Same semantics as jaxnets' dtype: float32 parameters, bfloat16 compute.
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
@@ -203,10 +231,11 @@ def setup_torch(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dt
 
     if mode == "infer":
         model.eval()
+        forward = torch.compile(model) if compile else model
 
         def infer():
             with torch.inference_mode(), autocast:
-                model(x)
+                forward(x)
             sync()
         return infer
 
@@ -214,6 +243,7 @@ def setup_torch(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dt
     if mode == "probe":
         _freeze_torch_backbone(model, get_spec(name).head)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if compile else model
 
     def loss_fn(outputs):
         if isinstance(outputs, tuple):  # GoogLeNetOutputs(logits, aux_logits2, aux_logits1)
@@ -224,7 +254,7 @@ def setup_torch(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dt
     def train():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = loss_fn(model(x))
+            loss = loss_fn(forward(x))
         loss.backward()
         optimizer.step()
         sync()
@@ -304,16 +334,27 @@ class Result:
         return data
 
 
-def step_memory(compiled: Any) -> int | None:
-    """Bytes XLA allocates for one step: arguments, outputs and temporaries (donated buffers counted once)."""
+def _memory_analysis(compiled: Any) -> Any:
+    """XLA's memory analysis of a compiled program, None where the backend has none."""
     try:
-        stats = compiled.memory_analysis()
+        return compiled.memory_analysis()
     except Exception:  # not every backend implements it
         return None
+
+
+def step_memory(compiled: Any) -> int | None:
+    """Bytes XLA allocates for one step: arguments, outputs and temporaries (donated buffers counted once)."""
+    stats = _memory_analysis(compiled)
     if stats is None:
         return None
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
                - stats.alias_size_in_bytes)
+
+
+def temp_memory(compiled: Any) -> int | None:
+    """Bytes of a step's temporaries alone: where the activations kept for the backward pass live."""
+    stats = _memory_analysis(compiled)
+    return None if stats is None else int(stats.temp_size_in_bytes)
 
 
 def benchmark_model(name: str, mode: str, batch_size: int, image_size: int, dtype: str = "float32",
@@ -337,6 +378,88 @@ def benchmark_model(name: str, mode: str, batch_size: int, image_size: int, dtyp
     return Result(name, mode, batch_size, image_size, dtype, statistics.median(step_times), setup.compile_s,
                   compiled_flops(setup.compiled), step_memory(setup.compiled),
                   statistics.median(torch_times[0]) if torch_times else None, matmul_flops / min(matmul_times))
+
+
+# --- gradient checkpointing: the train step with and without remat -------------------------------
+
+
+@dataclasses.dataclass
+class RematResult:
+    """One model's train step without (``plain_*``) and with gradient checkpointing (``remat_*``), timed
+    interleaved; memory is XLA's analysis of each compiled step (``step_memory``, ``temp_memory``)."""
+
+    model: str
+    batch_size: int
+    image_size: int
+    dtype: str
+    plain_step_s: float
+    remat_step_s: float
+    plain_step_bytes: int | None
+    remat_step_bytes: int | None
+    plain_temp_bytes: int | None
+    remat_temp_bytes: int | None
+    plain_compile_s: float
+    remat_compile_s: float
+
+    @property
+    def time_ratio(self) -> float:
+        return self.remat_step_s / self.plain_step_s
+
+    @property
+    def memory_ratio(self) -> float | None:
+        return _ratio(self.remat_step_bytes, self.plain_step_bytes)
+
+    @property
+    def temp_ratio(self) -> float | None:
+        return _ratio(self.remat_temp_bytes, self.plain_temp_bytes)
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), **{key: getattr(self, key)
+                                               for key in ("time_ratio", "memory_ratio", "temp_ratio")}}
+
+
+def _ratio(remat: int | None, plain: int | None) -> float | None:
+    return remat / plain if remat and plain else None
+
+
+def benchmark_remat(name: str, batch_size: int, image_size: int, dtype: str = "float32", iters: int = 10,
+                    warmup: int = 2, remat_options: bool = True) -> RematResult:
+    """``name``'s train step built without and with ``remat`` (both compiled first, then taking turns)."""
+    images, labels = synthetic_batch(batch_size, image_size)
+    plain, remat = (setup_jax(name, "train", images, labels, DTYPES[dtype], remat=on, remat_options=remat_options)
+                    for on in (False, True))
+    plain_times, remat_times = time_interleaved([plain.call, remat.call], warmup, iters)
+    return RematResult(name, batch_size, image_size, dtype, statistics.median(plain_times),
+                       statistics.median(remat_times), step_memory(plain.compiled), step_memory(remat.compiled),
+                       temp_memory(plain.compiled), temp_memory(remat.compiled), plain.compile_s, remat.compile_s)
+
+
+def remat_table(results: Sequence[RematResult]) -> str:
+    """Per model, a row without and one with remat, then their ratios (remat / plain)."""
+    header = "| model | train step | batch | size | dtype | XLA step MiB | temporaries MiB | step ms | compile s |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        setting = f"| {r.model} | {{}} | {r.batch_size} | {r.image_size} | {r.dtype} "
+        for label, step, temp, seconds, compile_s in (
+                ("without remat", r.plain_step_bytes, r.plain_temp_bytes, r.plain_step_s, r.plain_compile_s),
+                ("with remat", r.remat_step_bytes, r.remat_temp_bytes, r.remat_step_s, r.remat_compile_s)):
+            lines.append(setting.format(label) + f"| {_fmt(step, '.0f', 2**20)} | {_fmt(temp, '.0f', 2**20)} "
+                                                 f"| {seconds * 1e3:.0f} | {compile_s:.1f} |")
+        lines.append(setting.format("ratio remat/plain") + f"| {_fmt(r.memory_ratio, '.2f')} "
+                                                           f"| {_fmt(r.temp_ratio, '.2f')} | {r.time_ratio:.2f} | |")
+    return "\n".join(lines)
+
+
+def remat_report(results: Sequence[RematResult], context: dict) -> str:
+    """The markdown report of ``--remat``: where, how the remat step was built and compiled, the table."""
+    options = ", ".join(f"{key}={value}" for key, value in context["remat_compiler_options"].items()) or "no options"
+    return "\n".join([f"Measured {context['date']} on {context['device']} (jax {jax.__version__}).",
+                      f"Command: `{context['command']}`", "",
+                      f"Gradient checkpointing: jax.checkpoint policy {context['remat_policy']}, the remat step "
+                      f"compiled with {options}. Memory: XLA's memory analysis of each compiled step (arguments + "
+                      "outputs + temporaries - donated buffers; temporaries hold the activations kept for the "
+                      "backward pass). Step time: median, the two steps taking turns.", kernel_line(context), "",
+                      remat_table(results)])
 
 
 # --- compile cache: time to first step in a fresh process --------------------------------------
@@ -409,14 +532,15 @@ def write_image_folder(directory: str | os.PathLike, count: int = 256, size: int
 
 
 def input_pipeline_throughput(data_dir: str | os.PathLike | None = None, batch_size: int = 32,
-                              image_size: int = 224, epochs: int = 2) -> dict:
+                              image_size: int = 224, epochs: int = 2, count: int = 256) -> dict:
     """Images/s that ``train.py``'s own input pipeline (``jaxnets.data``: decode, random-resized crop,
     flip, normalize, in parallel) delivers as numpy batches on this host, and per core, over ``epochs``
-    epochs after a warm-up epoch. ``data_dir`` is an image folder as ``--dataset`` takes it."""
+    epochs after a warm-up epoch. ``data_dir`` is an image folder as ``--dataset`` takes it; without one,
+    ``count`` generated JPEGs."""
     from jaxnets.data import DataConfig, load_dataset
 
     with tempfile.TemporaryDirectory(prefix="jaxnets-jpegs-") as tmp:
-        root = data_dir or write_image_folder(tmp, size=image_size)
+        root = data_dir or write_image_folder(tmp, count=count, size=image_size)
         dataset = load_dataset(DataConfig(dataset=os.fspath(root), image_size=image_size, batch_size=batch_size))
         if dataset.steps_per_epoch < 1:
             raise UserError(f"--data-dir: {root} has {len(dataset.train)} training images, fewer than a batch "
@@ -464,7 +588,7 @@ def report(results: Sequence[Result], context: dict) -> str:
              f"Peak {context['dtype']} matmul (fastest, timed between the steps): "
              f"{context['peak_flops'] / 1e9:.0f} GFLOP/s. "
              f"Peak memory: {context['memory_bytes'] / 2**20:.0f} MiB ({context['memory_source']}). "
-             f"Host allocator, for both libraries: {context['allocator']}.", "",
+             f"Host allocator, for both libraries: {context['allocator']}.", kernel_line(context), "",
              markdown_table(results)]
     if "compile_cache" in context:
         cold, warm = context["compile_cache"]["cold"], context["compile_cache"]["warm"]
@@ -499,9 +623,9 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.
     parser.add_argument("--all", action="store_true", help="every registered model; writes --output")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--mode", choices=tuple(MODE_CHOICES), default="both",
+    parser.add_argument("--mode", choices=tuple(MODE_CHOICES), default=None,
                         help="train: SGD step; infer: eval forward; probe: frozen-backbone (linear-probe) step; "
-                             "both: train + infer; all: train + infer + probe")
+                             "both: train + infer (the default); all: train + infer + probe")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype")
     parser.add_argument("--compare-torch", action="store_true", help="time torchvision's eager model too")
     parser.add_argument("--iters", type=int, default=10, help="timed steps (median reported)")
@@ -524,13 +648,31 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.
     parser.add_argument("--conv-layers", action="store_true",
                         help="instead of whole steps, time each convolution of the model alone, forward and "
                              "backward, in jaxnets and torch (jaxnets.benchmark.conv_timing)")
+    parser.add_argument("--remat", action="store_true",
+                        help="instead, the train step with and without gradient checkpointing (create_model(..., "
+                             "remat=True)), timed in turns: XLA step memory, temporaries and step time, and their "
+                             "ratios remat/plain (implies --mode train; no torchvision, cache or input-pipeline "
+                             "timing)")
+    parser.add_argument("--keep-cpu-cse", action="store_true",
+                        help="with --remat: compile the remat step without jaxnets.models.backbone."
+                             "remat_compiler_options (XLA:CPU then merges the recomputation back and saves nothing)")
+    parser.add_argument("--kernels", default=None, metavar="auto|xla|tuned|V1,V2",
+                        help="which formulation of jaxnets' tuned layers and compile options runs (jaxnets.kernels: "
+                             f"{', '.join(kernels.VARIANTS)}; default: ${kernels.ENV_VARIABLE}, else auto)")
     parser.add_argument("--first-step", action="store_true", help=argparse.SUPPRESS)  # child of the cache check
     args = parser.parse_args(argv)
+    if args.kernels is not None:
+        try:
+            kernels.parse_setting(args.kernels)
+        except UserError as error:
+            parser.error(f"--kernels: {error}")
     for flag in ("batch_size", "image_size", "iters"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    _check_remat_flags(parser, args)
+    args.mode = args.mode or ("train" if args.remat else "both")
     if args.model not in list_models():
         parser.error(f"--model: unknown model {args.model!r}; choose from {', '.join(list_models())}")
     if args.data_dir is not None and not args.data_dir.is_dir():
@@ -543,6 +685,19 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.
         if path is not None and (problem := _unwritable(path)):
             parser.error(f"{flag}: {path} {problem}")
     return args
+
+
+def _check_remat_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--remat`` measures jaxnets' train step only: flags that ask for anything else with it are errors."""
+    if args.keep_cpu_cse and not args.remat:
+        parser.error("--keep-cpu-cse applies to --remat only")
+    if not args.remat:
+        return
+    if args.mode not in (None, "train"):
+        parser.error(f"--remat compares train steps: --mode {args.mode} cannot go with it (use --mode train)")
+    for flag in ("compare_torch", "conv_layers"):
+        if getattr(args, flag):
+            parser.error(f"--remat cannot go with --{flag.replace('_', '-')}")
 
 
 def _check_image_size(parser: argparse.ArgumentParser, name: str, image_size: int) -> None:
@@ -578,6 +733,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
 
 def _run(args: argparse.Namespace, command: str, prog: str) -> int:
     configure_xla_flags()  # before anything below starts JAX's backend
+    if args.kernels is not None:  # read when a model is traced; children (the cache check) inherit it
+        os.environ[kernels.ENV_VARIABLE] = args.kernels
     # Both libraries run under the same allocator settings: the comparison stays fair either way.
     retained = not args.system_malloc and host.retain_freed_memory()
     training.setup_compilation_cache(os.fspath(args.cache_dir) if args.cache_dir else None)
@@ -589,6 +746,8 @@ def _run(args: argparse.Namespace, command: str, prog: str) -> int:
     models = list_models() if args.all else [args.model]
     if args.conv_layers:
         return _conv_layers(models, args, prog)
+    if args.remat:
+        return _remat(models, args, command, prog)
     if args.compare_torch:
         import torchvision  # noqa: F401  before TensorFlow (the input pipeline): the other order segfaults
     pipeline = None
@@ -611,7 +770,7 @@ def _run(args: argparse.Namespace, command: str, prog: str) -> int:
                "command": command, "peak_flops": peak_flops,
                "memory_bytes": memory_bytes, "memory_source": memory_source,
                "model": args.model, "cache_mode": modes[0], "retain_freed_memory": retained,
-               "allocator": host.allocator_description(retained)}
+               "allocator": host.allocator_description(retained), **kernel_context()}
     if args.compare_torch:
         import torch
         context["torch"] = torch.__version__
@@ -641,9 +800,26 @@ def _write(prog: str, flag: str, path: Path | None, text: str) -> bool:
 
 
 def _conv_layers(models: Sequence[str], args: argparse.Namespace, prog: str) -> int:
-    tables = []
+    tables = [kernel_line(kernel_context())]
+    print(tables[0] + "\n", flush=True)
     for name in models:
         timings = conv_timing.time_conv_layers(name, args.batch_size, args.image_size, args.warmup, args.iters)
         tables.append(conv_timing.conv_table(name, timings))
         print(tables[-1] + "\n", flush=True)
     return 0 if _write(prog, "--output", args.output, "\n\n".join(tables) + "\n") else 1
+
+
+def _remat(models: Sequence[str], args: argparse.Namespace, command: str, prog: str) -> int:
+    results = []
+    for name in models:
+        results.append(benchmark_remat(name, args.batch_size, args.image_size, args.dtype, args.iters, args.warmup,
+                                       remat_options=not args.keep_cpu_cse))
+        print("\n".join(remat_table(results[-1:]).splitlines()[2:]), flush=True)
+    context = {"date": time.strftime("%Y-%m-%d"), "device": device_description(), "dtype": args.dtype,
+               "command": command, "remat_policy": getattr(REMAT_POLICY, "__name__", str(REMAT_POLICY)),
+               "remat_compiler_options": remat_compiler_options(not args.keep_cpu_cse), **kernel_context()}
+    text = remat_report(results, context)
+    print("\n" + text)
+    data = json.dumps({"context": context, "results": [r.as_dict() for r in results]}, indent=2)
+    written = [_write(prog, "--output", args.output, text + "\n"), _write(prog, "--json", args.json, data)]
+    return 0 if all(written) else 1
