@@ -3,13 +3,16 @@
 from jaxnets._version import __version__
 from jaxnets.errors import UserError
 from jaxnets.eval_transform import EvalTransform
+from jaxnets.export import export  # the function; converters and runtimes load per format
 from jaxnets.mapping import WeightMappingError, from_torch_state_dict, to_torch_state_dict
 from jaxnets.models import GoogLeNetOutputs
 from jaxnets.registry import (
+    FeatureInfo,
     ModelSpec,
     PretrainedWeights,
     check_options,
     create_model,
+    feature_info,
     get_spec,
     imagenet_categories,
     list_models,
@@ -25,10 +28,12 @@ from jaxnets.weights import (
     reinitialize_head,
     save_weights,
 )
+from jaxnets.weights.pretrained import adapt_input_conv
 
 __all__ = [
-    "EvalTransform", "GoogLeNetOutputs", "ModelSpec", "PretrainedWeights", "UserError", "WeightMappingError",
-    "WeightsError", "WeightsFile", "__version__", "check_options", "create_model", "export_torch",
-    "from_torch_state_dict", "get_spec", "imagenet_categories", "list_models", "load_pretrained", "load_weights",
-    "model_options", "options", "reinitialize_head", "save_weights", "to_torch_state_dict",
+    "EvalTransform", "FeatureInfo", "GoogLeNetOutputs", "ModelSpec", "PretrainedWeights", "UserError",
+    "WeightMappingError", "WeightsError", "WeightsFile", "__version__", "adapt_input_conv", "check_options",
+    "create_model", "export", "export_torch", "feature_info", "from_torch_state_dict", "get_spec",
+    "imagenet_categories", "list_models", "load_pretrained", "load_weights", "model_options", "options",
+    "reinitialize_head", "save_weights", "to_torch_state_dict",
 ]

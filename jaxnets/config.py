@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jaxnets.data import DIGITS, DataConfig, parse_classes
+from jaxnets.data import DIGITS, DataConfig, DataError, parse_classes
+from jaxnets.data.autoaugment import MAGNITUDE_BINS, POLICIES
+from jaxnets.data.config import TooFewExamples
 from jaxnets.errors import UserError, is_int
+from jaxnets.eval_transform import resize_for_crop
 from jaxnets.models.googlenet import AUX_WEIGHT
-from jaxnets.registry import ModelRef, ModelSpec, get_spec
+from jaxnets.registry import DEFAULT_WEIGHTS, ModelRef, ModelSpec, get_spec, is_weights_name
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
@@ -25,6 +28,24 @@ DTYPES = ("float32", "bfloat16")
 # The learning rate is given for a global batch of this many images and scaled linearly with the
 # batch size (Goyal et al. 2017, "Accurate, Large Minibatch SGD"; as flax's imagenet example).
 LR_REFERENCE_BATCH = 256
+AUTO_AUGMENT = POLICIES  # --auto-augment, torchvision's reference names
+
+# Recipes: settings a run starts from (``--recipe NAME``; flags given override them; config.json records the
+# result). Each is data: TrainConfig field -> value.
+RECIPES: dict[str, dict[str, Any]] = {
+    # torchvision's "new recipe", which trained ResNet-50's IMAGENET1K_V2 weights (80.858 % top-1, against V1's
+    # 76.130 %), as its classification reference documents it: 8 GPUs x 128 images at lr 0.5, i.e. a global batch
+    # of 1024 at 0.125 per 256 images; cosine after 5 linear warmup epochs, 600 epochs; TrivialAugmentWide, random
+    # erasing 0.1, MixUp 0.2 / CutMix 1.0, label smoothing 0.1, EMA (every 32 updates, decay 0.99998 adjusted),
+    # weight decay 2e-5 and none on the norm layers, train crop 176, eval resize 232 and crop 224.
+    "torchvision-v2": {
+        "optimizer": "sgd", "momentum": 0.9, "nesterov": False, "lr": 0.125, "batch_size": 1024, "epochs": 600,
+        "schedule": "cosine", "warmup_epochs": 5.0, "weight_decay": 2e-5, "label_smoothing": 0.1,
+        "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "auto_augment": "ta_wide", "random_erase": 0.1, "hflip": True,
+        "min_crop_scale": 0.08, "model_ema": True, "model_ema_steps": 32, "model_ema_decay": 0.99998,
+        "image_size": 176, "val_resize_size": 232, "val_crop_size": 224,
+    },
+}
 
 
 
@@ -58,6 +79,7 @@ class ByOptimizer:
 
 
 DATA, OPTIMIZATION, TRANSFER, RUN = "model and data", "optimization", "transfer learning", "run, devices and hosts"
+AUGMENT = "augmentation and weight averaging"
 
 
 def setting(default: Any = None, help: str | Callable[[], str] = "", *, group: str | None,
@@ -87,8 +109,11 @@ class TrainConfig:
                                    "when present)", group=DATA)
     data_dir: str | None = setting(None, "TFDS data dir (imagenet2012: put the tars in DATA_DIR/downloads/manual)",
                                    group=DATA)
-    image_size: int | None = setting(None, "training/eval crop size (default on digits: 16, VGG 32, AlexNet 64; "
-                                           "else the weights' 224)", group=DATA)
+    image_size: int | None = setting(None, "training crop size, and the eval crop unless --val-crop-size (default "
+                                           "on digits: 16, VGG 32, AlexNet 64; else the weights' 224)", group=DATA)
+    val_crop_size: int | None = setting(None, "eval: center crop (default: --image-size)", group=DATA)
+    val_resize_size: int | None = setting(None, "eval: resize the shorter side to this before the crop (default: "
+                                                "the crop x 256/224)", group=DATA)
     classes: tuple[int, ...] | None = setting(None, "keep only these labels, remapped to 0..k-1: 0,1,2,3,4 or 5-9",
                                               group=DATA, type=parse_classes)
     val_fraction: float = setting(0.2, "held-out fraction of train when there is no validation split", group=DATA)
@@ -99,13 +124,41 @@ class TrainConfig:
     dtype: str = setting("float32", "compute dtype (parameters and the loss stay float32)", group=DATA,
                          choices=DTYPES)
     no_aux: bool = setting(False, "GoogLeNet without its auxiliary heads", group=DATA)
+    in_chans: int = setting(3, "input channels: 1 reads images as grayscale, 3 as RGB; a folder of .npy arrays "
+                               "(H, W, C) gives C. A pretrained stem is adapted (timm's adapt_input_conv), and the "
+                               "normalization statistics with it", group=DATA)
+    remat: bool = setting(False, "rematerialize each block's activations in the backward pass (gradient "
+                                 "checkpointing): less memory, a slower step", group=DATA)
     aux_weight: float = setting(AUX_WEIGHT, "GoogLeNet: loss = main + w * (aux1 + aux2), as in the paper",
                                 group=DATA)
+    multi_label: bool = setting(False, "each image has any number of classes: a folder with labels.csv "
+                                       "(file,label;label;...) or a TFDS dataset whose label is a sequence of classes; "
+                                       "sigmoid binary cross-entropy, and mAP, F1 and exact match instead of top-k",
+                                group=DATA)
+    # augmentation and averaging
+    auto_augment: str | None = setting(None, "torchvision's automatic augmentation after the crop and flip: ra "
+                                             "(RandAugment), ta_wide (TrivialAugmentWide), imagenet (AutoAugment's "
+                                             "ImageNet policy)", group=AUGMENT, choices=AUTO_AUGMENT)
+    ra_magnitude: int = setting(9, f"RandAugment's magnitude bin, 0-{MAGNITUDE_BINS - 1}", group=AUGMENT)
+    random_erase: float = setting(0.0, "probability of torchvision's RandomErasing (a box of 2-33 %% of the image, "
+                                       "aspect 0.3-3.3, set to 0 after normalization)", group=AUGMENT)
+    mixup_alpha: float = setting(0.0, "MixUp: each batch blended with itself rolled by one, lambda ~ Beta(a, a), "
+                                      "labels alike (torchvision's MixUp; 0: off)", group=AUGMENT)
+    cutmix_alpha: float = setting(0.0, "CutMix: a box of the rolled batch pasted in (torchvision's CutMix; 0: off); "
+                                       "with --mixup-alpha, one of the two per batch", group=AUGMENT)
+    model_ema: bool = setting(False, "an exponential moving average of the weights and BatchNorm statistics, "
+                                     "evaluated each epoch beside them; the final weights are the average's",
+                              group=AUGMENT)
+    model_ema_decay: float = setting(0.99998, "EMA decay, adjusted as torchvision's reference: 1 - min(1, (1 - d) x "
+                                              "global batch x --model-ema-steps / epochs)", group=AUGMENT)
+    model_ema_steps: int = setting(32, "update the EMA every N optimizer updates of an epoch (a copy of the weights "
+                                       "during warmup)", group=AUGMENT)
     # optimization
-    epochs: int | None = setting(None, "", group=OPTIMIZATION, auto=ByDataset(12, 90))
+    epochs: int | None = setting(None, "", group=OPTIMIZATION, auto=ByDataset(10, 90))
     steps: int | None = setting(None, "stop after this many steps in total (smoke runs); the schedule still "
                                       "spans --epochs", group=OPTIMIZATION)
-    batch_size: int | None = setting(None, "global batch over all devices and processes", group=OPTIMIZATION,
+    batch_size: int | None = setting(None, "global batch over all devices and processes; left to its default, it "
+                                           "shrinks to fit a smaller training set (logged)", group=OPTIMIZATION,
                                      auto=ByDataset(32, 128))
     eval_batch_size: int | None = setting(None, "global eval batch (default: --batch-size)", group=OPTIMIZATION)
     optimizer: str = setting("sgd", "", group=OPTIMIZATION, choices=OPTIMIZERS)
@@ -123,11 +176,19 @@ class TrainConfig:
     step_gamma: float = setting(0.1, "", group=OPTIMIZATION)
     label_smoothing: float = setting(0.0, "", group=OPTIMIZATION)
     grad_clip: float | None = setting(None, "clip the global norm of the trainable gradients", group=OPTIMIZATION)
+    grad_accum_steps: int = setting(1, "gradient accumulation: each update averages the gradients of N batches of "
+                                       "--batch-size (N x --batch-size images per update; the lr scales with it; "
+                                       "BatchNorm statistics stay per batch)", group=OPTIMIZATION)
     seed: int = setting(0, "initialization, data order, augmentation", group=OPTIMIZATION)
+    recipe: str | None = setting(None, "start from a recipe's settings (flags given override them): "
+                                       "torchvision-v2 is torchvision's ResNet-50 IMAGENET1K_V2 recipe",
+                                 group=OPTIMIZATION, choices=tuple(RECIPES))
     # transfer learning
-    pretrained: str | None = setting(None, "start from torchvision's ImageNet weights, or from FILE; the "
-                                           "classifier is re-initialized", group=TRANSFER, nargs="?",
-                                     const="default", metavar="FILE")
+    pretrained: str | None = setting(None, "start from torchvision's ImageNet weights (no value: IMAGENET1K_V1), "
+                                           "torchvision's weights by name (IMAGENET1K_V2; DEFAULT is torchvision's "
+                                           "alias for its best), or a jaxnets weights FILE (a file named like "
+                                           "weights, in capitals: ./NAME); the classifier is re-initialized",
+                                     group=TRANSFER, nargs="?", const=DEFAULT_WEIGHTS, metavar="NAME|FILE")
     freeze: str = setting("none", "none | backbone | parameter path patterns: conv1,layer1", group=TRANSFER)
     backbone_lr_mult: float = setting(1.0, "learning rate of the backbone relative to the head (discriminative "
                                            "fine-tuning)", group=TRANSFER)
@@ -150,6 +211,10 @@ class TrainConfig:
                                             "manager", group=RUN)
     num_processes: int | None = setting(None, "", group=RUN)
     process_id: int | None = setting(None, "", group=RUN)
+    local_devices: str | None = setting(None, "devices this process drives: all, auto (under Slurm and Open MPI: "
+                                              "its share of the host's GPUs by processes per host; else all) or "
+                                              "indices 0,1,... (default: auto)", group=RUN,
+                                        metavar="all|auto|0,1,...")
     num_classes: int | None = setting(None, "set from the dataset", group=None)
 
     def to_json(self) -> str:
@@ -179,17 +244,27 @@ class TrainConfig:
         return get_spec(self.model)
 
     def data_config(self) -> DataConfig:
-        transforms = self.spec.weights.transforms
+        transforms = self.spec.weights.transforms.for_channels(self.in_chans)
         return DataConfig(
-            dataset=self.dataset, data_dir=self.data_dir, image_size=self.image_size,
-            mean=transforms.mean, std=transforms.std, batch_size=self.batch_size,
+            dataset=self.dataset, data_dir=self.data_dir, image_size=self.image_size, in_chans=self.in_chans,
+            mean=transforms.mean, std=transforms.std, batch_size=self.update_batch_size,
             eval_batch_size=self.eval_batch_size, seed=self.seed, val_fraction=self.val_fraction,
-            classes=self.classes, min_crop_scale=self.min_crop_scale, hflip=self.hflip)
+            classes=self.classes, min_crop_scale=self.min_crop_scale, hflip=self.hflip,
+            resize_size=self.val_resize_size, eval_crop_size=self.val_crop_size, auto_augment=self.auto_augment,
+            ra_magnitude=self.ra_magnitude, random_erase=self.random_erase, multi_label=self.multi_label)
+
+    @property
+    def update_batch_size(self) -> int | None:
+        """Images per optimizer update: ``--grad-accum-steps`` batches of ``--batch-size`` (what one step of the
+        input pipeline gives, split into micro-batches by the train step)."""
+        return None if self.batch_size is None else self.batch_size * self.grad_accum_steps
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill in the defaults that depend on the model and the dataset; check the choices."""
     spec = config.spec  # raises for an unknown model
+    if is_weights_name(config.pretrained):  # an unknown weights name fails now, not once the data is loaded
+        spec.get_weights(config.pretrained)
     _check_choice("--optimizer", config.optimizer, OPTIMIZERS)
     _check_choice("--schedule", config.schedule, SCHEDULES)
     _check_choice("--dtype", config.dtype, DTYPES)
@@ -215,20 +290,77 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _check_ranges(resolved)
     if spec.family != "googlenet" and resolved.no_aux:
         raise UserError(f"--no-aux: {config.model} has no auxiliary heads (GoogLeNet only)")
+    resolved = dataclasses.replace(resolved, **_eval_sizes(spec, resolved))
+    _check_recipe_settings(resolved)
     return config if resolved == config else resolved  # a resolved config is its own resolution (spec kept)
 
 
-def check_image_size(model: ModelRef, image_size: int) -> None:
+def check_image_size(model: ModelRef, image_size: int, flag: str = "--image-size") -> None:
     """``--image-size`` against the model's minimum input (below it an internal feature map is empty)."""
     spec = get_spec(model)
     minimum = max(spec.weights.min_size)
     if image_size < minimum:
-        raise UserError(f"--image-size {image_size}: {spec.name} needs at least {minimum} px")
+        raise UserError(f"{flag} {image_size}: {spec.name} needs at least {minimum} px")
 
 
 def peak_learning_rate(config: TrainConfig) -> float:
-    """``lr * global_batch / 256``: the linear scaling rule."""
-    return config.lr * config.batch_size / LR_REFERENCE_BATCH
+    """``lr * images_per_update / 256``: the linear scaling rule (an update is ``--grad-accum-steps`` batches)."""
+    return config.lr * config.update_batch_size / LR_REFERENCE_BATCH
+
+
+def fit_batch_size(config: TrainConfig, too_few: TooFewExamples, devices: int, *,
+                   given: bool) -> tuple[TrainConfig, str]:
+    """``config`` with the largest ``--batch-size`` that gives the ``too_few.examples`` training examples one step
+    (a multiple of the ``devices``; ``--grad-accum-steps`` batches per update), and the log line saying so: what a
+    default batch larger than a small dataset becomes. The eval batch follows where it was the batch's default;
+    the peak learning rate follows by itself (``--lr`` is per 256 images). A batch size the user ``given`` is
+    kept: the error names the value that fits."""
+    fits = too_few.examples // config.grad_accum_steps // devices * devices
+    if fits < 1:
+        raise DataError(f"{too_few}: not even one example per device (of {devices}) fits; use fewer --devices")
+    if given:
+        per = f"{devices} device(s)" + (f" x --grad-accum-steps {config.grad_accum_steps}"
+                                         if config.grad_accum_steps > 1 else "")
+        raise DataError(f"{too_few}: --batch-size {fits} fits (the largest multiple of the {per})")
+    eval_batch_size = fits if config.eval_batch_size == config.batch_size else config.eval_batch_size
+    fitted = dataclasses.replace(config, batch_size=fits, eval_batch_size=eval_batch_size)
+    return fitted, (f"--batch-size {fits} instead of the default {config.batch_size}, more than the "
+                    f"{too_few.examples} training examples (the peak lr follows: --lr is per {LR_REFERENCE_BATCH} "
+                    f"images); give --batch-size to choose")
+
+
+def recipe_settings(name: str) -> dict[str, Any]:
+    """The settings of recipe ``name`` (``RECIPES``), with ``recipe`` itself: what ``train.py --recipe NAME``
+    starts from. In Python: ``TrainConfig(**{**recipe_settings('torchvision-v2'), 'model': 'resnet50'})``."""
+    _check_choice("--recipe", name, tuple(RECIPES))
+    return {**RECIPES[name], "recipe": name}
+
+
+def _eval_sizes(spec: ModelSpec, config: TrainConfig) -> dict[str, int]:
+    """The eval crop (``--image-size`` unless given) and resize (the crop's 256/224 rule unless given), checked."""
+    crop = _default(config.val_crop_size, config.image_size)
+    check_image_size(spec, crop, "--val-crop-size")
+    resize = _default(config.val_resize_size, resize_for_crop(crop))
+    if resize < crop:
+        raise UserError(f"--val-resize-size {resize} is below the eval crop {crop} (--val-crop-size)")
+    return {"val_crop_size": crop, "val_resize_size": resize}
+
+
+def _check_recipe_settings(config: TrainConfig) -> None:
+    """The combinations of the recipe's settings that cannot run as asked."""
+    if config.recipe is not None:
+        _check_choice("--recipe", config.recipe, tuple(RECIPES))
+    if config.auto_augment is not None:
+        _check_choice("--auto-augment", config.auto_augment, AUTO_AUGMENT)
+        if config.in_chans not in (1, 3):
+            raise UserError(f"--auto-augment works on 1- or 3-channel images (torchvision's policies), not "
+                            f"--in-chans {config.in_chans}")
+    if config.multi_label:
+        for flag, conflict in (("--dataset digits", config.dataset == DIGITS),
+                               ("--classes", config.classes is not None),
+                               ("--linear-probe", config.linear_probe is not None)):
+            if conflict:
+                raise UserError(f"--multi-label does not apply to {flag} (single-label)")
 
 
 def _typed(value: Any, hint: Any, where: str) -> Any:
@@ -261,6 +393,7 @@ def _default(value: Any, default: Any) -> Any:
 # them train without an error but not as asked: a negative --grad-clip flips the gradients.
 _RANGES: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
     ("--batch-size", "batch_size", ">= 1", lambda v: v >= 1),
+    ("--in-chans", "in_chans", ">= 1", lambda v: v >= 1),
     ("--eval-batch-size", "eval_batch_size", ">= 1", lambda v: v >= 1),
     ("--epochs", "epochs", ">= 1", lambda v: v >= 1),
     ("--steps", "steps", ">= 1", lambda v: v >= 1),
@@ -279,6 +412,15 @@ _RANGES: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
     ("--min-crop-scale", "min_crop_scale", "in (0, 1]", lambda v: 0 < v <= 1),
     ("--backbone-lr-mult", "backbone_lr_mult", "> 0", lambda v: v > 0),
     ("--layer-decay", "layer_decay", "in (0, 1]", lambda v: 0 < v <= 1),
+    ("--val-crop-size", "val_crop_size", ">= 1", lambda v: v >= 1),
+    ("--val-resize-size", "val_resize_size", ">= 1", lambda v: v >= 1),
+    ("--ra-magnitude", "ra_magnitude", f"in [0, {MAGNITUDE_BINS - 1}]", lambda v: 0 <= v < MAGNITUDE_BINS),
+    ("--random-erase", "random_erase", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("--mixup-alpha", "mixup_alpha", ">= 0", lambda v: v >= 0),
+    ("--cutmix-alpha", "cutmix_alpha", ">= 0", lambda v: v >= 0),
+    ("--model-ema-decay", "model_ema_decay", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("--model-ema-steps", "model_ema_steps", ">= 1", lambda v: v >= 1),
+    ("--grad-accum-steps", "grad_accum_steps", ">= 1", lambda v: v >= 1),
 )
 
 

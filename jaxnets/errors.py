@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -21,7 +22,7 @@ class UserError(ValueError):
 
 # The commands a pip install puts on PATH (pyproject's [project.scripts]); what error messages tell a user to run.
 COMMANDS = {"train": "jaxnets-train", "convert": "jaxnets-convert", "predict": "jaxnets-predict",
-            "benchmark": "jaxnets-benchmark"}
+            "benchmark": "jaxnets-benchmark", "evaluate": "jaxnets-evaluate", "export": "jaxnets-export"}
 _invoked: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar("jaxnets_invoked_as",
                                                                                      default=())
 
@@ -40,6 +41,15 @@ def invoked_as(tool: str, how: str) -> Iterator[None]:
         yield
     finally:
         _invoked.reset(token)
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs the optional dependencies ``extra`` into the install the user has: from a source
+    checkout (an editable install, which has the project's pyproject.toml above the package) or from a wheel."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        return f"pip install -e '{checkout}[{extra}]'"
+    return f"pip install 'jaxnets[{extra}]'"
 
 
 def first_line(error: BaseException) -> str:

@@ -14,7 +14,8 @@ restarts a command-line program on tcmalloc: training steps ResNet-50 1.51 -> 1.
 
 XLA:CPU (jax 0.10) hands convolutions to YNNPACK by default; its own (Eigen) convolutions are
 faster for these networks on x86, the backward pass above all (a 56x56x64 3x3 conv: 72 -> 41 ms
-forward + backward). ``xla_cpu_options`` gives the jitted steps the compile option that keeps them.
+forward + backward). ``xla_cpu_options`` gives the jitted steps the compile option that keeps them,
+where ``jaxnets.kernels`` chooses that variant (``eigen_conv``) for this CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jaxnets import kernels
 from jaxnets.errors import UserError
 
 # mallopt parameters from glibc's <malloc.h>.
@@ -136,17 +138,25 @@ _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
-@functools.cache
 def xla_cpu_options() -> dict[str, Any]:
-    """``compiler_options`` for ``jax.jit`` of a model step: the options above on a CPU backend whose XLA
-    accepts them (checked once by compiling a tiny function), else ``{}`` (GPUs, other XLA versions)."""
+    """``compiler_options`` for ``jax.jit`` of a model step: the options above where ``jaxnets.kernels``
+    chooses Eigen convolutions (``eigen_conv``), on a CPU backend whose XLA accepts them; else ``{}`` (GPUs,
+    other XLA versions, CPUs where YNNPACK's convolutions are chosen)."""
+    import jax
+
+    if jax.default_backend() != "cpu" or not kernels.uses("eigen_conv"):
+        return {}
+    return dict(_CPU_COMPILER_OPTIONS) if _cpu_options_accepted() else {}
+
+
+@functools.cache
+def _cpu_options_accepted() -> bool:
+    """Whether this XLA knows the options (checked once by compiling a tiny function)."""
     import jax
     import jax.numpy as jnp
 
-    if jax.default_backend() != "cpu":
-        return {}
     try:
         jax.jit(jnp.negative, compiler_options=_CPU_COMPILER_OPTIONS).lower(jnp.ones(2)).compile()
     except Exception:  # an XLA without these options: its defaults are what there is
-        return {}
-    return dict(_CPU_COMPILER_OPTIONS)
+        return False
+    return True

@@ -20,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from jaxnets import kernels
 from jaxnets.errors import UserError
 
 Array = jax.Array
@@ -78,12 +79,16 @@ class Conv2d(nn.Module):
             raise UserError(f"{self.name}: {in_features} input channels not divisible by groups={self.groups}")
         kernel = self.param("kernel", self.kernel_init, (kh, kw, in_features // self.groups, self.features))
         pad = _pair(self.padding)
-        if (kh, kw) == (1, 1) and self.groups == 1 and pad == (0, 0):
-            y = pointwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), _pair(self.stride))
+        stride = _pair(self.stride)
+        out_size = [(x.shape[1 + a] + 2 * pad[a] - (kh, kw)[a]) // stride[a] + 1 for a in (0, 1)]
+        if (kh, kw) == (1, 1) and self.groups == 1 and pad == (0, 0) and kernels.uses("matmul_1x1"):
+            y = pointwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), stride)
+        elif self.groups == 1 and max(out_size) <= SMALL_MAP and kernels.uses("small_map_matmul"):
+            y = small_map_conv(x.astype(self.dtype), kernel.astype(self.dtype), stride, pad)
         else:
             y = lax.conv_general_dilated(
                 x.astype(self.dtype), kernel.astype(self.dtype),
-                window_strides=_pair(self.stride),
+                window_strides=stride,
                 padding=[(pad[0], pad[0]), (pad[1], pad[1])],
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=self.groups,
@@ -95,8 +100,40 @@ class Conv2d(nn.Module):
         return y
 
 
+# Output maps at most this many pixels high and wide go through ``small_map_conv`` (``kernels`` variant
+# ``small_map_matmul``): XLA:CPU's convolution of a 1x1 or 2x2 map is 7-40x slower than the same products as one
+# matrix multiplication, from a 3x3 map on it is as fast or faster (docs/performance.md).
+SMALL_MAP = 2
+
+
+def small_map_conv(x: Array, kernel: Array, stride: tuple[int, int], pad: tuple[int, int]) -> Array:
+    """A convolution with a tiny output map (ResNet's last stages on 16-64 px inputs) as one matrix product of
+    its patches (im2col) and the kernel: the tuned variant ``small_map_matmul`` of ``jaxnets.kernels``.
+
+    Kernel taps that read only padding for every output pixel are left out (their products are zeros): a 3x3
+    convolution of a 1x1 map is its centre tap alone. The same sums as the convolution, in another order."""
+    n, h, w, c = x.shape
+    kh, kw, _, features = kernel.shape
+    out_h, out_w = ((h + 2 * pad[0] - kh) // stride[0] + 1, (w + 2 * pad[1] - kw) // stride[1] + 1)
+
+    def reads_the_image(tap: int, axis: int, size: int, out: int) -> bool:
+        return any(pad[axis] <= tap + stride[axis] * o < pad[axis] + size for o in range(out))
+
+    padded = jnp.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
+    patches, taps = [], []
+    for i in (i for i in range(kh) if reads_the_image(i, 0, h, out_h)):
+        for j in (j for j in range(kw) if reads_the_image(j, 1, w, out_w)):
+            end = (n, i + stride[0] * (out_h - 1) + 1, j + stride[1] * (out_w - 1) + 1, c)
+            patches.append(lax.slice(padded, (0, i, j, 0), end, (1, stride[0], stride[1], 1)))
+            taps.append(kernel[i, j])
+    columns = jnp.concatenate(patches, axis=-1).reshape(n * out_h * out_w, len(taps) * c)
+    y = lax.dot_general(columns, jnp.concatenate(taps, axis=0), (((1,), (0,)), ((), ())))
+    return y.reshape(n, out_h, out_w, features)
+
+
 def pointwise_conv(x: Array, kernel: Array, stride: tuple[int, int]) -> Array:
-    """A 1x1 convolution as a (pixels, channels) x (channels, features) matrix product.
+    """A 1x1 convolution as a (pixels, channels) x (channels, features) matrix product (the tuned variant
+    ``matmul_1x1`` of ``jaxnets.kernels``; ``Conv2d`` decides which runs).
 
     Same numbers as the convolution, but its gradients are plain matrix products too. Both
     shapes matter on XLA's CPU backend: a 1x1 convolution's kernel gradient, and a product
@@ -173,7 +210,10 @@ class TorchBatchNorm(nn.Module):
         if n == 1:  # torch's check: the batch variance of one value is 0, the output would be just the bias
             raise UserError(f"Expected more than 1 value per channel when training, got input size {x.shape} "
                              f"at {'/'.join(self.scope.path)}")
-        y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, self.dtype)
+        if kernels.uses("batchnorm_vjp"):
+            y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, self.dtype)
+        else:  # XLA differentiates the formula
+            y, mean, var = _batch_norm_train_fwd(x, scale, bias, self.epsilon, self.dtype)[0]
         if not self.is_initializing():
             unbiased = var * (n / max(n - 1, 1))
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
@@ -201,8 +241,9 @@ def _batch_statistics(x: Array) -> tuple[Array, Array]:
 def _batch_norm_train(x: Array, scale: Array, bias: Array, eps: float, dtype: Dtype) -> tuple[Array, Array, Array]:
     """Training-mode BatchNorm: the output, the batch mean and the biased batch variance.
 
-    The hand-written gradient needs two per-channel sums and one pass over x, where the
-    differentiated formula takes several: a third less time for BatchNorm + ReLU on XLA:CPU.
+    The hand-written gradient (the tuned variant ``batchnorm_vjp`` of ``jaxnets.kernels``) needs two
+    per-channel sums and one pass over x, where the differentiated formula takes several: a third less
+    time for BatchNorm + ReLU on XLA:CPU.
     As with any ``custom_vjp``, forward-mode differentiation (``jax.jvp``) of a training-mode
     BatchNorm is not available; eval mode has no such limit.
     """
@@ -242,18 +283,25 @@ def max_pool(x: Array, kernel_size: int, stride: int, padding: int = 0, ceil_mod
     With ``ceil_mode`` the last window may hang over the bottom/right edge (extra -inf
     padding), but torch drops a window that would start entirely in the padding.
 
-    Pooled as a row pass then a column pass: the same maximum, and the same element
-    receives the gradient. torch gives each window's gradient to its first maximum in
-    row-major order, which is the first row holding the window's maximum and, in it, the
-    first column, exactly what the two 1-D passes pick with their own first-maximum rule.
-    Separable, the gradient takes k compares per element per pass instead of k*k per
-    window position (XLA recomputes them in each fused window term): 2-3x faster.
+    The tuned variant (``maxpool_jvp`` of ``jaxnets.kernels``) pools as a row pass then a column
+    pass: the same maximum, and the same element receives the gradient. torch gives each
+    window's gradient to its first maximum in row-major order, which is the first row holding
+    the window's maximum and, in it, the first column, exactly what the two 1-D passes pick with
+    their own first-maximum rule. Separable, the gradient takes k compares per element per pass
+    instead of k*k per window position (XLA recomputes them in each fused window term): 2-3x
+    faster on XLA:CPU. XLA's own variant is one 2-D window whose gradient (select-and-scatter)
+    also goes to each window's first maximum; it differs only where a whole window is -inf, which
+    it may hand to the padding (torch and the tuned variant never do).
     """
     pads = []
     for size in x.shape[1:3]:
         out = _pool_out_size(size, kernel_size, stride, padding, ceil_mode)
         extra = (out - 1) * stride + kernel_size - (size + 2 * padding)
         pads.append((padding, padding + max(extra, 0)))
+    if not kernels.uses("maxpool_jvp"):
+        init = np.array(-np.inf, x.dtype)  # concrete: lax picks the differentiable reduce_window_max
+        return lax.reduce_window(x, init, lax.max, (1, kernel_size, kernel_size, 1), (1, stride, stride, 1),
+                                 [(0, 0), pads[0], pads[1], (0, 0)])
     rows = _max_pool_1d(x, 2, kernel_size, stride, pads[1])
     return _max_pool_1d(rows, 1, kernel_size, stride, pads[0])
 
@@ -373,36 +421,6 @@ class PoolSpec(NamedTuple):
     stride: int
 
 
-class ConvStack(nn.Module):
-    """A torch ``nn.Sequential`` of Conv2d [+ BatchNorm2d] + ReLU blocks and MaxPool2d, as
-    AlexNet's and VGG's ``features`` are built. Submodules are named by their torch index
-    (``0``, ``1``, ...) so parameter paths read like torchvision's state dict keys."""
-
-    layers: Sequence[ConvSpec | PoolSpec]
-    norm: Callable[..., nn.Module] | None = None
-    dtype: Dtype = jnp.float32
-    kernel_init: Initializer = torch_default_kernel_init
-    bias_init: Initializer | None = None
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        index = 0
-        for layer in self.layers:
-            if isinstance(layer, PoolSpec):
-                x = max_pool(x, layer.kernel_size, layer.stride)
-                index += 1
-                continue
-            x = Conv2d(*layer, dtype=self.dtype, kernel_init=self.kernel_init, bias_init=self.bias_init,
-                       name=str(index))(x)
-            index += 1
-            if self.norm is not None:
-                x = self.norm(name=str(index))(x)
-                index += 1
-            x = nn.relu(x)
-            index += 1
-        return x
-
-
 class Classifier(nn.Module):
     """AlexNet's and VGG's ``classifier``: Linear(4096) + ReLU twice, with dropout, then the final Linear
     at index 6. AlexNet puts each Dropout before its Linear (Linears at 1, 4), VGG after its ReLU (0, 3).
@@ -446,33 +464,50 @@ def check_probability(module: nn.Module, field: str) -> None:
     """A dropout rate in [0, 1], as ``torch.nn.Dropout`` requires (NaN refused too)."""
     p = getattr(module, field)
     if not 0.0 <= p <= 1.0:
-        raise UserError(f"{_model_name(module)}: {field} must be in [0, 1], got {p}")
+        raise UserError(f"{model_name(module)}: {field} must be in [0, 1], got {p}")
 
 
 def image_model_call(call: Callable[..., Any]) -> Callable[..., Any]:
-    """Wraps a family's ``__call__(self, x, train, *, pre_logits, frozen_norm)``: the input must be NHWC RGB,
-    ``frozen_norm`` is normalized and must name BatchNorm modules, and a too-small input names the model
-    input's shape and the model's minimum size rather than an internal feature map."""
+    """Wraps a family's ``__call__(self, x, train, *, pre_logits, frozen_norm)``: the input must be NHWC with the
+    model's ``in_chans`` channels, ``frozen_norm`` is normalized and must name BatchNorm modules, and a too-small
+    input names the model input's shape and the model's minimum size rather than an internal feature map."""
     @wraps(call)
     def wrapper(self: nn.Module, x: Array, *args: Any, frozen_norm: Sequence[str] = (), **kwargs: Any) -> Any:
-        _check_nhwc_rgb(self, x)
+        _check_input_channels(self, x)
+        if kwargs.get("pre_logits") and getattr(self, "features_only", False):
+            raise UserError(f"{model_name(self)}: pre_logits=True asks for pooled features, but the model was "
+                            f"built with features_only=True (it returns feature maps)")
         frozen = frozen_paths(frozen_norm)
         try:
             out = call(self, x, *args, frozen_norm=frozen, **kwargs)
         except FeatureMapTooSmall as error:
-            raise UserError(f"{_model_name(self)}: input {tuple(x.shape)} is too small{_min_size_hint(self)} "
+            raise UserError(f"{model_name(self)}: input {tuple(x.shape)} is too small{_min_size_hint(self)} "
                              f"({error.detail})") from None
         _check_frozen_norm(self, frozen)
         return out
     return wrapper
 
 
-def _check_nhwc_rgb(module: nn.Module, x: Array) -> None:
+def check_in_chans(in_chans: Any, where: str) -> int:
+    """``in_chans`` as an int >= 1, or a ``UserError`` naming it and ``where``."""
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise UserError(f"{where}: in_chans must be an integer >= 1, got {in_chans!r}")
+    return in_chans
+
+
+def _check_input_channels(module: nn.Module, x: Array) -> None:
+    """NHWC input with the model's ``in_chans`` channels (3, RGB, unless the model was built for others)."""
+    channels = check_in_chans(getattr(module, "in_chans", 3), model_name(module))
     shape = tuple(np.shape(x))
-    if len(shape) == 4 and shape[-1] == 3:
+    if len(shape) == 4 and shape[-1] == channels:
         return
-    hint = " — NCHW? transpose with x.transpose(0, 2, 3, 1)" if len(shape) == 4 and shape[1] == 3 else ""
-    raise UserError(f"{_model_name(module)} expects NHWC RGB images (N, H, W, 3), got {shape}{hint}")
+    what = "RGB images" if channels == 3 else f"{channels}-channel images"
+    nchw = len(shape) == 4 and shape[1] == channels
+    hint = " — NCHW? transpose with x.transpose(0, 2, 3, 1)" if nchw else ""
+    other = (f"; for {shape[-1]}-channel images build the model with in_chans={shape[-1]}"
+             if len(shape) == 4 and not nchw else "")
+    raise UserError(f"{model_name(module)} expects NHWC {what} (N, H, W, {channels}), got {shape}{hint} "
+                    f"(in_chans={channels}{other})")
 
 
 def _check_frozen_norm(module: nn.Module, frozen: Sequence[str]) -> None:
@@ -485,7 +520,7 @@ def _check_frozen_norm(module: nn.Module, frozen: Sequence[str]) -> None:
     for path in frozen:
         if not any(is_frozen(norm.split("/"), (path,)) for norm in norms):
             top = sorted({norm.split("/")[0] for norm in norms})
-            raise UserError(f"{_model_name(module)}: frozen_norm path {path!r} matches no BatchNorm; "
+            raise UserError(f"{model_name(module)}: frozen_norm path {path!r} matches no BatchNorm; "
                              f"BatchNorms are under: {', '.join(top) or 'none (the model has no BatchNorm)'}")
 
 
@@ -505,7 +540,8 @@ def set_model_describer(describe: Callable[[nn.Module], tuple[str, tuple[int, in
     _describe_model = describe
 
 
-def _model_name(module: nn.Module) -> str:
+def model_name(module: nn.Module) -> str:
+    """The registered name of ``module`` (``resnet50``), else its class name: what errors about it say."""
     described = _describe_model(module)
     return described[0] if described else type(module).__name__
 

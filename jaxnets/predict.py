@@ -1,17 +1,24 @@
 """Classify images with pretrained or fine-tuned weights: ``python -m jaxnets.predict``.
 
     python -m jaxnets.predict --model resnet50 --top 5 cat.jpg dog.png
-    python -m jaxnets.predict --model resnet18 --weights finetuned.safetensors photos/*.jpg
+    python -m jaxnets.predict --weights runs/resnet18-flowers/final_weights.safetensors photos/*.jpg
+    python -m jaxnets.predict --model resnet50 --weights IMAGENET1K_V2 cat.jpg
+    python -m jaxnets.predict --model resnet18 --weights multilabel.safetensors --threshold 0.4 photo.jpg
+
+A jaxnets weights file names its model in its header, so ``--model`` is needed only for torchvision's weights
+(by name, or the default). Weights trained with ``--multi-label`` (their header says so) show every class above
+``--threshold`` instead.
 
 Preprocessing is torchvision's eval transform for the weights, done with PIL exactly as torchvision
-does on PIL images: resize the shorter side (bilinear, antialiased), center crop, scale to [0, 1],
-normalize. Images are classified in fixed-size batches (the last one padded), so the forward pass
-is compiled once.
+does on PIL images (``jaxnets.data.pil_eval``, shared with the evaluation): resize the shorter side
+(bilinear, antialiased), center crop, scale to [0, 1], normalize. Images are classified in fixed-size
+batches (the last one padded), so the forward pass is compiled once.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -24,64 +31,45 @@ from flax import linen as nn
 from PIL import Image
 
 from jaxnets import errors, host
+from jaxnets.data.arrays import is_array_file, load_array
+from jaxnets.data.pil_eval import READ_ERRORS, center_crop, preprocess, read_image
 from jaxnets.errors import UserError
 from jaxnets.eval_transform import EvalTransform
-from jaxnets.registry import ModelRef, get_spec, imagenet_categories
-from jaxnets.weights import WeightsFile, instantiate, open_pretrained
+from jaxnets.multilabel import THRESHOLD
+from jaxnets.registry import ModelRef, get_spec, imagenet_categories, is_weights_name
+from jaxnets.weights import WeightsFile, instantiate, load_weights, open_pretrained, torchvision_weights_of
 
-IMAGENET_EVAL = EvalTransform()
-INTERPOLATION = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-                 "bicubic": Image.Resampling.BICUBIC}
-
-
-# PIL's modes for 16- and 32-bit integer grayscale (16-bit PNGs open as one of them).
-WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """An RGB image from a file; grayscale, RGBA and palette images are converted as
-    ``Image.convert('RGB')`` does (alpha is dropped, as torchvision's folder loader does).
-
-    16-bit grayscale is the exception: ``convert`` saturates it (almost every pixel white), while
-    ``train.py``'s decoder (TensorFlow) keeps each value's high byte; predictions use what training saw.
-    """
-    with Image.open(path) as image:
-        if image.mode in WIDE_GRAY_MODES:
-            high_byte = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
-            return Image.fromarray(high_byte.astype(np.uint8)).convert("RGB")
-        if image.mode in ("P", "PA"):
-            image = image.convert("RGBA")  # palette transparency would otherwise warn
-        return image.convert("RGB")
-
-
-def preprocess(image: Image.Image, transform: EvalTransform = IMAGENET_EVAL) -> np.ndarray:
-    """torchvision's ``ImageClassification`` eval transform on a PIL image, as a float32 HWC array."""
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = transform.resize_size, int(transform.resize_size * long / short)
-    size = (new_short, new_long) if width <= height else (new_long, new_short)
-    image = image.resize(size, INTERPOLATION[transform.interpolation])
-    image = center_crop(image, transform.crop_size)
-    mean = np.asarray(transform.mean, np.float32)
-    std = np.asarray(transform.std, np.float32)
-    return (np.asarray(image, np.float32) / np.float32(255) - mean) / std
-
-
-def center_crop(image: Image.Image, crop: int) -> Image.Image:
-    """torchvision's ``center_crop``: zero-pad when the image is smaller, then crop the middle."""
-    width, height = image.size
-    if crop > width or crop > height:
-        padded = Image.new(image.mode, (max(width, crop), max(height, crop)))
-        padded.paste(image, ((crop - width) // 2 if crop > width else 0, (crop - height) // 2 if crop > height else 0))
-        image, (width, height) = padded, padded.size
-    top = int(round((height - crop) / 2.0))
-    left = int(round((width - crop) / 2.0))
-    return image.crop((left, top, left + crop, top + crop))
-
+__all__ = ["above_threshold", "batch_logits", "category_names", "center_crop", "classify", "eval_transform",
+           "is_multi_label", "load_input", "main", "make_forward", "open_weights", "preprocess", "read_image",
+           "sigmoid", "softmax", "top_k"]
 
 def make_forward(model: nn.Module) -> Callable[[Any, np.ndarray], jax.Array]:
     """The jitted eval-mode forward pass: logits for a batch (compiled once per batch shape)."""
     return jax.jit(partial(model.apply, train=False), compiler_options=host.xla_cpu_options())
+
+
+def load_input(path: str | Path, transform: EvalTransform) -> np.ndarray:
+    """One model input, float32 (crop, crop, C) with C = the transform's channels (the model's ``in_chans``):
+    an image file read as RGB (3) or grayscale (1), or a ``.npy`` array ``(H, W, C)`` (``jaxnets.data.arrays``,
+    as training reads them), each channel resized like an image. Any other pairing is a ``UserError`` naming
+    the file, its channels and ``in_chans``."""
+    channels = transform.in_chans
+    if is_array_file(path):
+        pixels = load_array(path)
+        if pixels.shape[-1] != channels:
+            raise UserError(f"array of shape {pixels.shape} has {pixels.shape[-1]} channel(s); the model takes "
+                            f"in_chans={channels}")
+        # PIL resizes one channel at a time (mode 'F'), as it resizes an image's; preprocess scales by 1/255.
+        return np.stack([preprocess(Image.fromarray(pixels[..., c], mode="F"),
+                                    dataclasses.replace(transform, mean=(m,), std=(s,)))
+                         for c, (m, s) in enumerate(zip(transform.mean, transform.std, strict=True))], axis=-1)
+    if channels == 3:
+        return preprocess(read_image(path), transform)
+    if channels == 1:
+        # Gray as training decodes it: gray files as they are (16-bit: the high byte), color ones to their luma.
+        return preprocess(read_image(path).convert("L"), transform)[..., None]
+    raise UserError(f"an image file gives 1 or 3 channels; the model takes in_chans={channels}: give .npy arrays "
+                    f"(H, W, {channels})")
 
 
 def batch_logits(forward: Callable, variables: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -117,15 +105,37 @@ def top_k(logits: np.ndarray, k: int, categories: Sequence[str]) -> list[list[tu
     return [[(categories[i], float(row[i])) for i in indices] for row, indices in zip(probs, order, strict=True)]
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+
+
+def above_threshold(logits: np.ndarray, threshold: float, categories: Sequence[str]) -> list[list[tuple[str, float]]]:
+    """A multi-label model's answer: every category whose sigmoid probability reaches ``threshold``, most
+    probable first (none may)."""
+    probs = sigmoid(logits)
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    return [[(categories[i], float(row[i])) for i in indices if row[i] >= threshold]
+            for row, indices in zip(probs, order, strict=True)]
+
+
+def is_multi_label(weights_file: WeightsFile) -> bool:
+    """Whether ``train.py --multi-label`` wrote the file (its header's ``multi_label``)."""
+    return bool(weights_file.metadata.get("multi_label", False))
+
+
 def eval_transform(model: ModelRef, weights_file: WeightsFile) -> EvalTransform:
     """The model's eval transform at the sizes its weights were validated with: ``train.py`` records them
-    (a model fine-tuned at 64 px is shown 64-px crops, not ImageNet's 224), torchvision's weights use theirs.
+    (a model fine-tuned at 64 px is shown 64-px crops, not ImageNet's 224), torchvision's weights use those of
+    their version (IMAGENET1K_V2: resize 232).
     A malformed entry is a ``UserError`` naming the file: guessing would show the model the wrong images."""
     spec = get_spec(model)
+    base = (torchvision_weights_of(weights_file) or spec.weights).transforms  # IMAGENET1K_V2: resize 232
+    in_chans = spec.check_options(weights_file.model_options, f"{weights_file.path}: ").get("in_chans", 3)
+    base = base.for_channels(in_chans)  # the statistics of the model's channels, unless recorded
     recorded = weights_file.metadata.get("eval_transform")
     if recorded is None:
-        return spec.weights.transforms
-    return spec.weights.transforms.from_record(recorded, min_size=max(spec.weights.min_size),
+        return base
+    return base.from_record(recorded, min_size=max(spec.weights.min_size),
                                                where=f"{weights_file.path or spec.name}: metadata eval_transform")
 
 
@@ -140,6 +150,22 @@ def category_names(weights_file: WeightsFile) -> tuple[str, ...]:
     return tuple(f"class {i}" for i in range(weights_file.num_classes))
 
 
+def open_weights(model: str | None, weights: str | None) -> WeightsFile:
+    """The weights to classify with. A jaxnets file names its model (its header's ``name``), so ``model`` may
+    be None for one; given, it must be the file's. torchvision's weights (by name, or None: the default) need
+    ``model``."""
+    if weights is not None and not is_weights_name(weights):
+        weights_file = load_weights(weights)
+        if model is not None and get_spec(model).name != weights_file.name:
+            raise UserError(f"--model {model}: {weights} holds {weights_file.name} weights, not {model}; leave "
+                            f"out --model (the file names its model)")
+        return weights_file
+    if model is None:
+        raise UserError(f"--model is needed for torchvision's weights ({weights or 'IMAGENET1K_V1'}); a jaxnets "
+                        f"weights file (--weights FILE) names its model")
+    return open_pretrained(model, weights)
+
+
 def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -148,10 +174,14 @@ def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=errors.command("predict"),
                                      description="Top-K ImageNet (or fine-tuned) classes of each image.")
-    parser.add_argument("--model", required=True, help="model name, e.g. resnet50 (see jaxnets.list_models())")
-    parser.add_argument("--weights", help="jaxnets weights file (default: converted torchvision ImageNet weights "
-                                          "from the cache, converting them on first use)")
+    parser.add_argument("--model", help="model name, e.g. resnet50 (see jaxnets.list_models()); default: the one "
+                                        "the --weights file records (needed for torchvision's weights)")
+    parser.add_argument("--weights", help="jaxnets weights file, or torchvision's weights by name (IMAGENET1K_V2; "
+                                          "default: IMAGENET1K_V1), converted into the cache on first use")
     parser.add_argument("--top", type=int, default=5, metavar="K", help="classes to show per image (default 5)")
+    parser.add_argument("--threshold", type=float, default=THRESHOLD, metavar="P",
+                        help=f"multi-label weights (train.py --multi-label): show every class whose sigmoid "
+                             f"probability reaches P, instead of the top K (default {THRESHOLD})")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files")
     return parser
@@ -162,14 +192,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top < 1 or args.batch_size < 1:
         parser.error("--top and --batch-size must be at least 1")
+    if not 0 <= args.threshold <= 1:
+        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
     try:
-        weights_file = open_pretrained(args.model, args.weights)
+        weights_file = open_weights(args.model, args.weights)
         model, variables = instantiate(weights_file)
-        transform = eval_transform(args.model, weights_file)
+        if getattr(model, "features_only", False):
+            raise UserError(f"{weights_file.path}: {weights_file.name} backbone weights (features_only): no classifier "
+                            f"to classify with")
+        transform = eval_transform(weights_file.name, weights_file)
     except (OSError, UserError) as exc:  # anything else is a bug in jaxnets: its traceback shows
         print(f"error: {exc}", file=sys.stderr)
         return 1
     categories = category_names(weights_file)
+    multi_label = is_multi_label(weights_file)
     forward = make_forward(model)
     variables = jax.device_put(variables)
     batch_size = min(args.batch_size, len(args.images))
@@ -178,18 +214,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         readable, arrays = [], []
         for path in paths:
             try:
-                arrays.append(preprocess(read_image(path), transform))
+                arrays.append(load_input(path, transform))
                 readable.append(path)
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError: OSError
+            except READ_ERRORS as exc:
                 print(f"error: {path}: cannot read image ({exc})", file=sys.stderr)
                 failed += 1
         if not arrays:
             continue
         logits = batch_logits(forward, variables, np.stack(arrays), batch_size)
-        for path, best in zip(readable, top_k(logits, args.top, categories), strict=True):
+        answers = (above_threshold(logits, args.threshold, categories) if multi_label
+                   else top_k(logits, args.top, categories))
+        for path, best in zip(readable, answers, strict=True):
             print(path)
             for category, probability in best:
                 print(f"  {probability:7.4f}  {category}")
+            if not best:
+                print(f"  (no class at probability {args.threshold:g} or more)")
     if failed:
         print(f"error: {failed} of {len(args.images)} image(s) could not be read", file=sys.stderr)
     return 1 if failed else 0

@@ -43,7 +43,7 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
 
 
 def _with_wide_conv1(variables: dict) -> dict:
-    params = {**variables["params"], "conv1": {"kernel": np.zeros((7, 7, 64, 64), np.float32)}}
+    params = {**variables["params"], "conv1": {"kernel": np.zeros((7, 7, 3, 32), np.float32)}}
     return {**variables, "params": params}
 
 
@@ -55,7 +55,7 @@ WRONG_VARIABLES = {
                            r"unexpected 80 key\(s\): batch_stats/layer1/2/bn1/mean"),
     "alexnet variables": (lambda v, other: other["alexnet"], r"no classifier 'params/fc/kernel'"),
     "mis-shaped conv1": (lambda v, other: _with_wide_conv1(v),
-                         r"mis-shaped 1 key\(s\): params/conv1/kernel: got \(7, 7, 64, 64\), expected \(7, 7, 3, 64\)"),
+                         r"mis-shaped 1 key\(s\): params/conv1/kernel: got \(7, 7, 3, 32\), expected \(7, 7, 3, 64\)"),
     "another collection": (lambda v, other: {**v, "intermediates": {"x": np.zeros(3)}},
                            r"unexpected 1 key\(s\): intermediates/x"),
 }
@@ -176,7 +176,8 @@ def test_create_model_refuses_options_the_variant_fixes(name, options, message):
 def test_unknown_option_lists_only_the_free_options():
     with pytest.raises(ValueError) as info:
         jaxnets.create_model("resnet18", dropout=0.1)
-    assert one_line(info) == "resnet18: unknown option(s) dropout; accepted: zero_init_residual"
+    assert one_line(info) == ("resnet18: unknown option(s) dropout; accepted: features_only, in_chans, out_indices, "
+                              "remat, zero_init_residual")
 
 
 # --- reinitialize_head checks what it is given ---------------------------------------------------

@@ -67,8 +67,11 @@ def test_a_family_with_an_unrecordable_option_is_refused_at_registration():
 
 def test_the_registered_families_options_are_their_free_fields():
     assert {k: v.name for k, v in registry.options("googlenet").items()} == {
-        "aux_logits": "bool", "transform_input": "bool", "dropout": "float", "dropout_aux": "float"}
-    assert set(registry.options("resnet50")) == {"zero_init_residual"}  # the rest is bound or reserved
+        "aux_logits": "bool", "transform_input": "bool", "dropout": "float", "dropout_aux": "float",
+        "in_chans": "int", "features_only": "bool", "out_indices": "tuple[int, ...] | None", "remat": "bool"}
+    # the rest is bound or reserved
+    assert set(registry.options("resnet50")) == {"zero_init_residual", "in_chans", "features_only", "out_indices",
+                                                 "remat"}
     assert {k: v.name for k, v in _toy_spec("toy", EveryOptionType).options.items()} == {
         "flag": "bool", "count": "int", "scale": "float", "mode": "str", "clip": "float | None",
         "tag": "str | None", "sizes": "tuple[int, ...]", "gains": "tuple[float, ...]"}
@@ -287,7 +290,8 @@ def test_installed_commands_are_declared_and_importable():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"jaxnets-train", "jaxnets-convert", "jaxnets-predict", "jaxnets-benchmark"}
+    assert set(scripts) == {"jaxnets-train", "jaxnets-convert", "jaxnets-predict", "jaxnets-benchmark",
+                            "jaxnets-evaluate", "jaxnets-export"}
     for target in scripts.values():
         module, _, function = target.partition(":")
         assert callable(getattr(import_module(module), function)), target

@@ -45,7 +45,9 @@ def test_cli_conv_layers_writes_the_table(tmp_path, monkeypatch, capsys):
     code = benchmark.main(["--model", "alexnet", "--conv-layers", "--batch-size", "1", "--image-size", "64",
                            "--iters", "1", "--warmup", "0", "--system-malloc", "--output", str(out)])
     assert code == 0
-    assert out.read_text().startswith("Convolutions of alexnet") and "| **total** | 5 |" in capsys.readouterr().out
+    report = out.read_text()
+    assert report.startswith("CPU vector extensions: ") and "\n\nConvolutions of alexnet" in report
+    assert "| **total** | 5 |" in capsys.readouterr().out
 
 
 def test_each_time_lands_in_its_own_column(monkeypatch):

@@ -174,7 +174,8 @@ def test_output_that_is_the_source_is_refused(resnet18_pth, tmp_path, capsys):
     ("alexnet", "dropout=true", "option dropout=true has the wrong type: expected float"),
     ("googlenet", 'transform_input="yes"', 'option transform_input="yes" has the wrong type: expected bool'),
     ("googlenet", "zero_init_residual=true", "unknown option 'zero_init_residual'; accepted: aux_logits, "
-                                             "dropout, dropout_aux, transform_input"),
+                                             "dropout, dropout_aux, features_only, in_chans, out_indices, "
+                                             "transform_input"),
 ])
 def test_bad_option_is_refused_and_nothing_written(sources, tmp_path, capsys, name, option, message):
     out = tmp_path / "out.safetensors"

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop, v2
 
-from jaxnets import registry
+from jaxnets import predict, registry
 from jaxnets.config import TrainConfig, resolve
 from jaxnets.data import (
     DataConfig,
@@ -37,6 +37,7 @@ from jaxnets.data import (
 )
 from jaxnets.data.image_checks import check_image
 from jaxnets.data.transforms import decode_file
+from jaxnets.eval_transform import EvalTransform
 
 DIGITS = DataConfig(image_size=16, batch_size=32, min_crop_scale=0.6, hflip=False)
 
@@ -174,11 +175,14 @@ def test_a_new_source_is_one_entry_in_the_table_and_batches_through_the_split_in
 def test_importing_the_data_package_leaves_tensorflow_unimported():
     """TensorFlow costs seconds to import, and torchvision imported after it crashes: jaxnets.data (every module
     of it) and the training module import it on first use only."""
+    heavy = "('tensorflow', 'tensorflow_datasets', 'PIL', 'sklearn')"
     code = ("import sys, pkgutil, importlib, jaxnets.data, jaxnets.training; "
+            f"print(sorted(m for m in {heavy} if m in sys.modules)); "
             "[importlib.import_module(m.name) for m in pkgutil.walk_packages(jaxnets.data.__path__, 'jaxnets.data.')]; "
-            "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'PIL', 'sklearn') if m in sys.modules))")
+            f"print(sorted(m for m in {heavy} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    # PIL is what jaxnets.data.pil_eval (torchvision's PIL preprocessing) is made of; the rest loads on first use.
+    assert out.stdout.split() == ["[]", "['PIL']"]
 
 
 def test_classes_keeps_and_remaps_labels():
@@ -468,8 +472,11 @@ def test_no_network_is_told_at_once_unless_a_proxy_may_reach_it(proxy, tmp_path,
     ("resize_size", 8, "DataConfig.resize_size must be None or an integer >= image_size (16), got 8"),
     ("batch_size", 0, "DataConfig.batch_size must be an integer >= 1, got 0"),
     ("eval_batch_size", True, "DataConfig.eval_batch_size must be None or an integer >= 1, got True"),
-    ("std", (0.0, 0.2, 0.2), "DataConfig.std must be 3 finite numbers > 0, got (0.0, 0.2, 0.2)"),
-    ("mean", (0.5, float("nan"), 0.5), "DataConfig.mean must be 3 finite numbers, got (0.5, nan, 0.5)"),
+    ("std", (0.0, 0.2, 0.2), "DataConfig.std must be 3 finite numbers > 0 (one per channel), got (0.0, 0.2, 0.2)"),
+    ("mean", (0.5, float("nan"), 0.5),
+     "DataConfig.mean must be 3 finite numbers (one per channel), got (0.5, nan, 0.5)"),
+    ("mean", (0.5,), "DataConfig.mean must be 3 finite numbers (one per channel), got (0.5,)"),
+    ("in_chans", 0, "DataConfig.in_chans must be an integer >= 1, got 0"),
     ("val_fraction", 1.0, "DataConfig.val_fraction must be in (0, 1), got 1.0"),
     ("min_crop_scale", 2.0, "DataConfig.min_crop_scale must be in (0, 1], got 2.0"),
 ])
@@ -562,3 +569,157 @@ def test_random_resized_crop_keeps_torchvision_bounds_and_fallback(height, width
         area = h * w / (height * width)
         assert area.min() < 0.1 and area.max() > 0.75  # the whole scale range is drawn from (max here: 0.89)
         assert (w / h).min() < 0.8 and (w / h).max() > 1.25
+
+
+# --- input channels: grayscale images, .npy arrays, 1-channel TFDS datasets ------------------------------------
+
+
+def _config(dataset, in_chans: int, **kwargs) -> DataConfig:
+    """A DataConfig for ``in_chans`` channels, with ImageNet's statistics extended as train.py extends them."""
+    stats = EvalTransform().for_channels(in_chans)
+    return DataConfig(dataset=str(dataset), image_size=16, batch_size=4, in_chans=in_chans, mean=stats.mean,
+                      std=stats.std, **kwargs)
+
+
+def test_grayscale_decoding_keeps_gray_files_and_takes_the_luma_of_color_ones(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (9, 11), dtype=np.uint8)
+    color = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    wide = rng.integers(0, 65536, (9, 11)).astype(np.uint16)
+    Image.fromarray(gray, mode="L").save(tmp_path / "gray.png")
+    Image.fromarray(color).save(tmp_path / "color.png")
+    Image.fromarray(gray, mode="L").save(tmp_path / "gray.jpg", quality=95)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.fromarray(color).save(tmp_path / "color.webp", lossless=True)
+    decoded = {name: decode_file(tf.constant(str(tmp_path / name)), 1).numpy() for name in
+               ("gray.png", "color.png", "gray.jpg", "wide.png", "color.webp")}
+    assert all(image.shape == (9, 11, 1) for image in decoded.values())
+    np.testing.assert_array_equal(decoded["gray.png"][..., 0], gray)  # a gray file is read as it is
+    np.testing.assert_array_equal(decoded["wide.png"][..., 0], wide >> 8)  # 16 bits: the high byte, as predict
+    pil_gray = {name: np.asarray(predict.read_image(tmp_path / name).convert("L"), np.float32) for name in decoded}
+    # What predict shows a model of in_chans=1: the same pixels (JPEGs aside: TensorFlow's decoder computes the
+    # DCT differently from PIL's, for RGB as for gray, within a few levels).
+    for name in ("gray.png", "wide.png"):
+        np.testing.assert_array_equal(decoded[name][..., 0], pil_gray[name], err_msg=name)
+    for name in ("color.png", "color.webp"):  # luma: PIL's and TensorFlow's weights round differently
+        assert np.abs(decoded[name][..., 0] - pil_gray[name]).max() <= 1, name
+
+
+def test_grayscale_folder_gives_one_channel_batches(tmp_path):
+    root = tmp_path / "gray"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((20, 24), 40 * i + 10 * (label == "b"), np.uint8), mode="L").save(
+                root / label / f"{i}.png")
+    dataset = load_dataset(_config(root, 1))
+    batch = next(dataset.eval_batches())
+    assert batch["image"].shape[1:] == (16, 16, 1) and next(dataset.train_batches(0))["image"].shape == (4, 16, 16, 1)
+    (mean,), (std,) = dataset.config.mean, dataset.config.std
+    # A constant image stays constant through resize and crop: (value / 255 - mean) / std, with 1-channel stats.
+    values = np.unique(np.round((batch["image"][batch["mask"]] * std + mean) * 255, 3))
+    assert set(values) <= {10.0 * v for v in range(14)} and len(values) > 1
+
+
+def test_array_folder_reads_any_channel_count_scaled_by_dtype(tmp_path):
+    root = tmp_path / "bands"
+    values = {"u8": np.uint8(51), "u16": np.uint16(13107), "f32": np.float32(0.2)}  # all 0.2 of full scale
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for kind, value in values.items():
+            np.save(root / label / f"{kind}.npy", np.full((18, 21, 5), value))
+    decoded = {kind: decode_file(tf.constant(str(root / "a" / f"{kind}.npy")), 5).numpy() for kind in values}
+    for kind, image in decoded.items():
+        assert image.shape == (18, 21, 5) and image.dtype == np.float32
+        np.testing.assert_allclose(image, 51.0, rtol=1e-6, err_msg=kind)  # 0.2 x 255 pixel units
+    dataset = load_dataset(_config(root, 5))
+    stats = EvalTransform().for_channels(5)
+    expected = (0.2 - np.float32(stats.mean)) / np.float32(stats.std)  # the statistics extended cyclically
+    for batch in dataset.eval_batches():
+        assert batch["image"].shape[1:] == (16, 16, 5)
+        np.testing.assert_allclose(batch["image"][batch["mask"]], np.broadcast_to(expected, (
+            int(batch["mask"].sum()), 16, 16, 5)), rtol=1e-5, atol=1e-5)
+    assert next(dataset.train_batches(0))["image"].shape == (4, 16, 16, 5)
+
+
+def test_an_npy_file_mixed_into_an_image_folder_trains_with_the_images(tmp_path):
+    root = _write_folder(tmp_path / "mixed", per_class=3)
+    np.save(root / "cat" / "extra.npy", np.zeros((20, 24, 3), np.uint8))
+    dataset = load_dataset(DataConfig(dataset=str(root), image_size=16, batch_size=2))
+    assert len(dataset.train) + len(dataset.val) == 7
+    assert sum(len(labels) for _, labels in dataset.iterate("train")) == len(dataset.train)
+
+
+@pytest.mark.parametrize("make, in_chans, message", [
+    (lambda root: _write_folder(root), 4, r"--in-chans 4: .*\.png is an image file, which decodes to 1 or 3 "
+                                          r"channels; give 4-channel examples as \.npy arrays \(H, W, 4\)"),
+    (lambda root: _npy_folder(root, 4), 5, r"--in-chans 5: .*\.npy has shape \(20, 24, 4\) \(4 channel\(s\)\); "
+                                           r"the model takes \(H, W, 5\) arrays: pass --in-chans 4"),
+    (lambda root: _npy_folder(root, 4), 3, r"--in-chans 3: .*has shape \(20, 24, 4\)"),
+    (lambda root: "digits", 2, r"--in-chans 2: the digits \(grayscale\) have 1 channel\(s\); use --in-chans 1"),
+])
+def test_a_channel_count_the_data_does_not_have_is_a_one_line_error(tmp_path, make, in_chans, message):
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset(_config(make(tmp_path / "data"), in_chans))
+    assert "\n" not in str(info.value)
+
+
+def _npy_folder(root: Path, channels: int) -> Path:
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            np.save(root / label / f"{i}.npy", np.zeros((20, 24, channels), np.float32))
+    return root
+
+
+@pytest.mark.parametrize("in_chans", [1, 3, 4])
+def test_one_channel_tfds_dataset_via_mock_data(tmp_path, monkeypatch, in_chans):
+    """mnist's images are (28, 28, 1): 1 channel as they are, 3 as gray RGB (the default), 4 refused."""
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args: [])  # online, as far as the download check can tell
+    with tfds.testing.mock_data(num_examples=24):
+        config = dataclasses.replace(_config("mnist", in_chans, data_dir=str(tmp_path)), batch_size=8)
+        if in_chans == 4:
+            with pytest.raises(DataError, match=r"^--in-chans 4: TFDS mnist's images \(28, 28, 1\) have 1 "
+                                                r"channel\(s\); use --in-chans 1 or convert them$"):
+                load_dataset(config)
+            return
+        dataset = load_dataset(config)
+        batch = next(dataset.train_batches(0))
+        assert batch["image"].shape == (8, 16, 16, in_chans)
+        if in_chans == 3:
+            np.testing.assert_allclose(batch["image"][..., 0] * 0.229 + 0.485,  # gray repeated, then normalized
+                                       batch["image"][..., 1] * 0.224 + 0.456, rtol=0, atol=1e-6)
+        assert sum(b["mask"].sum() for b in dataset.eval_batches()) == len(dataset.val)
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_a_streamed_epoch_is_one_reshuffled_pass_over_the_split(tmp_path, monkeypatch, process_count):
+    """TFDS (mocked): each process's epoch holds each of its examples at most once, all but the remainder past
+    the last whole batch, in a new order each epoch, the same order when asked again (resume), and with positions
+    distinct across processes. Repeating the split before a shuffle buffer larger than it drew some examples twice
+    and missed others."""
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args: [])  # online, as far as the download check can tell
+    with tfds.testing.mock_data(num_examples=50):
+        config = DataConfig(dataset="cifar10", data_dir=str(tmp_path), image_size=16, batch_size=8)
+        positions = set()
+        for index in range(process_count):
+            dataset = load_dataset(config, index, process_count)
+            split, shard, local = dataset.train, dataset.shard, dataset.local_batch_size
+            pool = [image.tobytes() for image, _ in split.host_dataset(shard).as_numpy_iterator()]
+            assert len(set(pool)) == len(pool) == split.host_sizes[index]  # mock images are distinct
+            orders = []
+            for epoch in (0, 1):
+                examples = list(split.train_examples(8, shard, 0, epoch, 0).as_numpy_iterator())
+                seen = [image.tobytes() for image, _, _ in examples]
+                assert len(seen) == dataset.steps_per_epoch * local == len(set(seen))
+                assert set(seen) <= set(pool) and len(pool) - len(seen) < local * process_count + process_count
+                again = split.train_examples(8, shard, 0, epoch, 0).as_numpy_iterator()
+                assert [image.tobytes() for image, _, _ in again] == seen
+                positions |= {int(p) for _, _, p in examples if epoch == 0}
+                orders.append(seen)
+            assert orders[0] != orders[1]
+        assert len(positions) == dataset.steps_per_epoch * 8  # distinct over the processes

@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxnets import host
+from jaxnets import host, kernels
 
 # What XLA:CPU does on every step: allocate a large buffer, write it, free it. Counted with glibc's malloc
 # directly, so that no asynchronous free of the JAX runtime blurs the count.
 FAULTS_OF_A_REUSED_BUFFER = """
 import ctypes, ctypes.util, resource, sys
-from jaxnets import host
+from jaxnets import host, kernels
 if sys.argv[1] == "retain" and not host.retain_freed_memory():
     sys.exit(3)
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -63,7 +63,7 @@ def test_tcmalloc_environment_preloads_it_once():
 # A command line with arguments, as train.py's: what it runs on once use_tcmalloc has had its say.
 RESTARTED = """
 import os, sys
-from jaxnets import host
+from jaxnets import host, kernels
 host.use_tcmalloc()
 print(host.running_allocator(), os.environ.get("TCMALLOC_RELEASE_RATE"), host.retain_freed_memory(), sys.argv[1:])
 """
@@ -91,10 +91,11 @@ def test_unknown_allocator_choice_is_a_one_line_error():
 
 
 @pytest.fixture
-def fresh_options():
-    host.xla_cpu_options.cache_clear()
+def fresh_options(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "eigen_conv")  # the variant these options are
+    host._cpu_options_accepted.cache_clear()
     yield
-    host.xla_cpu_options.cache_clear()
+    host._cpu_options_accepted.cache_clear()
 
 
 def test_xla_cpu_options_keep_convolutions_out_of_ynnpack(fresh_options):
@@ -109,4 +110,11 @@ def test_xla_cpu_options_keep_convolutions_out_of_ynnpack(fresh_options):
 
 def test_xla_cpu_options_are_empty_where_xla_rejects_them(fresh_options, monkeypatch):
     monkeypatch.setattr(host, "_CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    assert host.xla_cpu_options() == {}
+
+
+def test_xla_cpu_options_only_where_the_kernel_choice_wants_eigen_convolutions(fresh_options, monkeypatch):
+    if not host.xla_cpu_options():
+        pytest.skip("this XLA:CPU has no YNNPACK fusion options")
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "matmul_1x1,maxpool_jvp,batchnorm_vjp")
     assert host.xla_cpu_options() == {}

@@ -33,7 +33,9 @@ def test_wrong_channels_or_rank_is_refused_on_proper_variables(shape):
     variables = init_shapes(model, (1, 64, 64, 3))
     with pytest.raises(ValueError) as error:
         jax.eval_shape(lambda: model.apply(variables, jnp.zeros(shape)))
-    assert str(error.value).splitlines()[0] == f"resnet18 expects NHWC RGB images (N, H, W, 3), got {shape}"
+    hint = (f" (in_chans=3; for {shape[-1]}-channel images build the model with in_chans={shape[-1]})"
+            if len(shape) == 4 else " (in_chans=3)")
+    assert str(error.value).splitlines()[0] == f"resnet18 expects NHWC RGB images (N, H, W, 3), got {shape}{hint}"
 
 
 @pytest.mark.parametrize("name", [name for name in FAMILIES if max(jaxnets.get_spec(name).weights.min_size) > 1])

@@ -76,15 +76,6 @@ def _assert_same_run(a: TrainConfig, b: TrainConfig) -> None:
         np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL)
 
 
-def test_one_device_and_eight_devices_train_the_same(tmp_path):
-    one, eight = _config(tmp_path, "one", devices=1), _config(tmp_path, "eight", devices=8)
-    indivisible = _config(tmp_path, "indivisible", batch_size=12)
-    output = _finish(_launch([one, eight, indivisible], devices=8))
-    assert "8 cpu device(s)" in output
-    _assert_same_run(one, eight)
-    assert "ERROR: --batch-size 12 is not divisible by the 8 device(s) of the mesh" in output
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -92,15 +83,25 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(jax.process_count() != 1, reason="reference run needs a single process")
-def test_two_processes_match_one_process(tmp_path):
+def test_eight_devices_and_two_processes_train_as_one_device(tmp_path):
+    """train.py's whole path (data sharded per device and per process, metrics, final parameters) on 8 CPU devices
+    in one process, and on 2 processes x 2 devices (gloo), against one device in this process."""
     port = _free_port()
     multi = [_config(tmp_path, "multi", coordinator=f"localhost:{port}", num_processes=2, process_id=i)
              for i in range(2)]
     processes = [_launch([config], devices=2) for config in multi]
+    eight, indivisible = _config(tmp_path, "eight", devices=8), _config(tmp_path, "indivisible", batch_size=12)
+    on_eight = _launch([eight, indivisible], devices=8)
     reference = _config(tmp_path, "single")
     result = training.train_and_evaluate(reference)  # this process: 1 device
     np.savez(Path(reference.workdir) / "params.npz", *jax.tree.leaves(parallel.to_host(result.state.params)))
     outputs = [_finish(p) for p in processes]
-    assert "4 cpu device(s) in 2 process(es)" in outputs[0]
+    # The start line: processes, devices per process, global devices, the mesh, how the devices were chosen.
+    assert ("4 cpu device(s) in 2 process(es), 2 per process, 4 global; mesh data=4; launch: --coordinator, all "
+            "local devices") in outputs[0]
     assert outputs[1].strip() == "" or "run directory" not in outputs[1]  # only process 0 prints and writes
     _assert_same_run(reference, multi[0])
+    output = _finish(on_eight)
+    assert "8 cpu device(s) in 1 process(es), 8 per process, 8 global; mesh data=8; launch: single process" in output
+    _assert_same_run(reference, eight)
+    assert "ERROR: --batch-size 12 is not divisible by the 8 device(s) of the mesh" in output

@@ -6,6 +6,8 @@ pixels": same PIL resize, same float32 arithmetic); the CLI's probabilities must
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torchvision
 from PIL import Image
 from torch_oracle import oracle_model
 from torchvision import transforms
+from torchvision.transforms import v2
 
 import jaxnets
 from jaxnets import predict
@@ -174,8 +177,9 @@ def test_cli_rejects_weights_of_another_model(resnet18, capsys):
     ({"resize_size": 40, "crop_size": 64}, "resize_size=40, expected an integer from 64 to 8192"),
     ({"crop_size": 0}, "crop_size=0, expected an integer from 1 to 8192"),
     ({"resize_size": 10**9, "crop_size": 64}, "resize_size=1000000000, expected an integer from 64 to 8192"),
-    ({"resize_size": 73}, "expected {'crop_size': int, 'resize_size': int (optional)}"),
-    ("64px", "expected {'crop_size': int, 'resize_size': int (optional)}"),
+    ({"resize_size": 73}, "expected {'crop_size': int, 'resize_size': int (optional), 'mean'"),
+    ("64px", "expected {'crop_size': int, 'resize_size': int (optional), 'mean'"),
+    ({"crop_size": 64, "std": [0.2, 0.2]}, "std=[0.2, 0.2], expected 3 finite numbers > 0 (in_chans=3)"),
 ])
 def test_malformed_eval_sizes_are_a_one_line_error_naming_the_file(resnet18, tmp_path, capsys, entry, message):
     _, variables, _ = resnet18
@@ -206,13 +210,94 @@ def test_sixteen_bit_grayscale_is_read_as_training_reads_it(tmp_path):
     np.testing.assert_array_equal(np.asarray(predict.read_image(path)), decoded)
 
 
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
 def test_a_decompression_bomb_is_one_unreadable_file(resnet18, tmp_path, capsys, monkeypatch):
     _, _, weights = resnet18
     good = write_image(tmp_path / "good.png", 64, 64, "RGB")
-    huge = write_image(tmp_path / "huge.png", 300, 300, "RGB")
-    # 300 x 300 is then more than twice the limit (an error); the good image resized to 256 x 256 is not.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)
+    huge = write_image(tmp_path / "huge.png", 400, 400, "RGB")
+    # 400 x 400 is then more than twice the limit (an error); the good image resized to 256 x 256 and cropped to
+    # 224 x 224 is under the limit itself (PIL warns above it: a limit under 224 x 224 warned on every good image).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 70_000)
     assert predict.main(["--model", "resnet18", "--weights", str(weights), str(huge), str(good)]) == 1
     out, err = capsys.readouterr()
     assert out.splitlines()[:1] == [str(good)], err
-    assert f"error: {huge}: cannot read image (Image size (90000 pixels) exceeds limit" in err
+    assert f"error: {huge}: cannot read image (Image size (160000 pixels) exceeds limit" in err
+
+
+# --- models of other channel counts: predict reads what the weights file records --------------------------------
+
+
+def _adapted(resnet18, tmp_path, in_chans: int):
+    """resnet18's weights adapted to ``in_chans`` and saved as train.py saves a run's: with its options and the
+    eval transform (sizes and the statistics for its channels); and torchvision's resnet18 with that stem."""
+    torch_model, _, path = resnet18
+    model, variables = jaxnets.load_pretrained("resnet18", weights=path, in_chans=in_chans)
+    transform = EvalTransform().for_channels(in_chans).at_crop(64)
+    weights = save_weights(tmp_path / f"c{in_chans}.safetensors", "resnet18", variables,
+                           model_options=jaxnets.model_options("resnet18", model),
+                           metadata={"eval_transform": transform.to_record()})
+    adapted = copy.deepcopy(torch_model)
+    adapted.conv1 = torch.nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+    adapted.conv1.weight.data = torch.from_numpy(np.ascontiguousarray(
+        variables["params"]["conv1"]["kernel"].transpose(3, 2, 0, 1)))
+    return weights, transform, adapted.eval()
+
+
+def _printed(out: str, probs: np.ndarray, top: int) -> list[str]:
+    categories = jaxnets.imagenet_categories()
+    return [f"  {probs[j]:7.4f}  {categories[j]}" for j in np.argsort(-probs)[:top]]
+
+
+def test_a_grayscale_model_classifies_grayscale_images_as_torchvision(resnet18, tmp_path, capsys):
+    """in_chans=1 recorded: images are read as grayscale ('L', as training decodes them) and normalized with the
+    1-channel statistics; torchvision's transforms on the 'L' image and its model with the same stem agree."""
+    weights, transform, torch_model = _adapted(resnet18, tmp_path, 1)
+    image = write_image(tmp_path / "gray.png", 150, 110, "L")
+    assert predict.main(["--model", "resnet18", "--weights", str(weights), "--top", "3", str(image)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    preset = transforms.Compose([transforms.Resize(73, antialias=True), transforms.CenterCrop(64),
+                                 transforms.ToTensor(), transforms.Normalize(transform.mean, transform.std)])
+    with Image.open(image) as pil, torch.no_grad():
+        assert preset(pil)[None].shape == (1, 1, 64, 64)
+        probs = torch.softmax(torch_model(preset(pil)[None]), -1).numpy()[0]
+    assert out == [str(image), *_printed(out, probs, 3)]
+
+
+def test_npy_arrays_are_read_resized_and_normalized_per_channel(resnet18, tmp_path, capsys):
+    """in_chans=5 recorded: ``.npy`` arrays (H, W, 5), scaled by dtype and each channel resized like an image;
+    against torchvision's tensor transforms (antialiased bilinear resize, center crop, normalize): 1e-5."""
+    weights, transform, torch_model = _adapted(resnet18, tmp_path, 5)
+    rng = np.random.default_rng(3)
+    pixels = np.stack([smooth_image(150, 110, seed)[..., 0] for seed in range(5)], -1)
+    np.save(tmp_path / "bands.npy", pixels)  # uint8: / 255
+    np.save(tmp_path / "bands16.npy", pixels.astype(np.uint16) * 257)  # uint16: / 65535, the same values
+    ours = predict.load_input(tmp_path / "bands.npy", transform)
+    np.testing.assert_allclose(predict.load_input(tmp_path / "bands16.npy", transform), ours, rtol=0, atol=1e-5)
+    preset = v2.Compose([v2.Resize(73, antialias=True), v2.CenterCrop(64), v2.Normalize(transform.mean, transform.std)])
+    theirs = preset(torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.float32) / 255)).numpy().transpose(1, 2, 0)
+    assert ours.shape == (64, 64, 5) and np.abs(ours - theirs).max() <= 1e-5
+    np.save(tmp_path / "wrong.npy", rng.uniform(0, 1, (30, 30, 3)).astype(np.float32))
+    image = write_image(tmp_path / "rgb.png", 40, 40, "RGB")
+    argv = ["--model", "resnet18", "--weights", str(weights), "--top", "2", str(tmp_path / "bands.npy"),
+            str(tmp_path / "wrong.npy"), str(image)]
+    assert predict.main(argv) == 1
+    out, err = capsys.readouterr()
+    with torch.no_grad():
+        probs = torch.softmax(torch_model(torch.from_numpy(ours.transpose(2, 0, 1))[None]), -1).numpy()[0]
+    assert out.splitlines() == [str(tmp_path / "bands.npy"), *_printed(out, probs, 2)]
+    assert err.splitlines() == [
+        f"error: {tmp_path / 'wrong.npy'}: cannot read image (array of shape (30, 30, 3) has 3 channel(s); the model "
+        f"takes in_chans=5)",
+        f"error: {image}: cannot read image (an image file gives 1 or 3 channels; the model takes in_chans=5: give "
+        f".npy arrays (H, W, 5))",
+        "error: 2 of 3 image(s) could not be read"]
+
+
+def test_backbone_weights_have_nothing_to_classify_with(resnet18, tmp_path, capsys):
+    _, _, path = resnet18
+    model, variables = jaxnets.load_pretrained("resnet18", weights=path, features_only=True)
+    weights = save_weights(tmp_path / "backbone.safetensors", "resnet18", variables,
+                           model_options=jaxnets.model_options("resnet18", model))
+    assert predict.main(["--model", "resnet18", "--weights", str(weights), "x.png"]) == 1
+    assert capsys.readouterr().err == (f"error: {weights}: resnet18 backbone weights (features_only): no classifier "
+                                       f"to classify with\n")

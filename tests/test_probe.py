@@ -53,7 +53,8 @@ def test_extract_features_keeps_every_example_of_a_partial_last_batch(resnet18):
     features, got_labels = extract_features(model, variables, batches)
     expected = model.apply(variables, images, train=False, pre_logits=True)
     assert features.shape == (13, 512) and features.dtype == np.float32
-    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+    # Batches of 5 and 3 against one of 13: the same float32 sums blocked differently by the matrix products.
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5 * (1 + float(np.abs(expected).max())))
     np.testing.assert_array_equal(got_labels, labels)
 
 

@@ -53,7 +53,8 @@ def test_registry_lists_torchvision_names_with_their_published_metadata():
 
 
 def test_unknown_model_lists_the_known_names():
-    with pytest.raises(ValueError, match="unknown model 'resnet19'; known models: alexnet, .*googlenet, resnet18"):
+    with pytest.raises(ValueError, match="unknown model 'resnet19'; did you mean resnet18.*; "
+                                         "known models: alexnet, .*googlenet, resnet18"):
         jaxnets.create_model("resnet19")
 
 
@@ -142,13 +143,16 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def test_readme_model_table_is_the_registry():
     """README's model table says it is tested against torchvision's weight metadata: it must list every
-    registered model, in order, with the registry's figures at the table's precision (and the registry is
-    torchvision's metadata: ``test_registry_lists_torchvision_names_with_their_published_metadata``)."""
-    rows = re.findall(r"^\| `([^`]+)` \| (\w+) \| ([\d.]+) M \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
-                      README.read_text(encoding="utf-8"), re.MULTILINE)
-    assert [row[0] for row in rows] == jaxnets.list_models()
-    for name, family, params, gflops, acc1, acc5 in rows:
+    registered model and each of its weights, in order, with the registry's figures at the table's precision (and
+    the registry is torchvision's metadata: ``test_registry_lists_torchvision_names_with_their_published_metadata``
+    and tests/test_weight_versions.py)."""
+    rows = re.findall(r"^\| `([^`]+)` \| (\w+) \| (\w+) \| ([\d.]+) M \| ([\d.]+) \| (\d+) / (\d+) (\w+) \| "
+                      r"([\d.]+) \| ([\d.]+) \|$", README.read_text(encoding="utf-8"), re.MULTILINE)
+    assert [row[:2] for row in rows] == [(name, version) for name in jaxnets.list_models()
+                                         for version in jaxnets.get_spec(name).weight_versions]
+    for name, version, *figures in rows:
         spec = jaxnets.get_spec(name)
-        w = spec.weights
-        expected = (spec.family, f"{w.num_params / 1e6:.2f}", f"{w.gflops:.2f}", f"{w.acc1:.3f}", f"{w.acc5:.3f}")
-        assert (family, params, gflops, acc1, acc5) == expected, name
+        w, t = spec.weight_versions[version], spec.weight_versions[version].transforms
+        expected = [spec.family, f"{w.num_params / 1e6:.2f}", f"{w.gflops:.2f}", str(t.resize_size), str(t.crop_size),
+                    t.interpolation, f"{w.acc1:.3f}", f"{w.acc5:.3f}"]
+        assert figures == expected, (name, version)

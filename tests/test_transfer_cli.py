@@ -45,7 +45,9 @@ def test_a_backbone_trained_on_digits_0_4_transfers_to_5_9(tmp_path, capsys):
     train(tmp_path / "pretrain", "--classes", "0-4", "--epochs", "2")
     backbone = tmp_path / "pretrain" / WEIGHTS
     # The eval sizes it was validated at (16 px digits: shorter side 18, crop 16), for jaxnets.predict.
-    assert load_weights(backbone).metadata["eval_transform"] == {"resize_size": 18, "crop_size": 16}
+    assert load_weights(backbone).metadata["eval_transform"] == {"resize_size": 18, "crop_size": 16,
+                                                                 "mean": [0.485, 0.456, 0.406],
+                                                                 "std": [0.229, 0.224, 0.225]}
     # The same 22 steps, hyperparameters and data order for both. Measured (2026-11-25): lr 0.4 -> transfer
     # 0.704, scratch 0.201; default lr 0.1 with its warmup -> 0.665 / 0.391.
     budget = ["--classes", "5-9", "--epochs", "1", "--lr", "0.4"]

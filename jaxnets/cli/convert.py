@@ -14,14 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxnets import errors
-from jaxnets.registry import list_models
+from jaxnets.registry import TORCHVISION_DEFAULT, get_spec, list_models
 from jaxnets.weights import Conversion, cached_weights_path, convert, export_torch
 
 PROG = "jaxnets-convert"
 
 DESCRIPTION = "Convert torchvision weights to jaxnets weights files, and jaxnets weights back to PyTorch."
 EXAMPLES = """\
-    {cmd} resnet50                          # torchvision's ImageNet weights -> cache
+    {cmd} resnet50                          # torchvision's ImageNet weights (IMAGENET1K_V1) -> cache
+    {cmd} resnet50 --weights IMAGENET1K_V2  # its newer weights (DEFAULT: torchvision's best)
     {cmd} --all --verify                    # every registered model
     {cmd} resnet50 --from resnet50-0676ba61.pth --verify
     {cmd} resnet18 --from my.safetensors --out my_resnet18.safetensors   # no torch needed
@@ -45,6 +46,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                              "instead of downloading torchvision's")
     parser.add_argument("--out", metavar="PATH", help="output file (with --all: directory); default: the cache for "
                                                       "torchvision's weights, else <FILE stem>.jaxnets.safetensors")
+    parser.add_argument("--weights", metavar="NAME",
+                        help="which of torchvision's weights: IMAGENET1K_V1 (the default), IMAGENET1K_V2 where the "
+                             "model has it, or DEFAULT (torchvision's alias for its best); with --from, the file "
+                             "must be that one; with --all, every model that has it")
     parser.add_argument("--verify", action="store_true",
                         help="compare logits with torchvision on a random batch; fail above tolerance")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
@@ -65,7 +70,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.to_torch:
-        if args.model or args.all or args.source or args.verify or args.option:
+        if args.model or args.all or args.source or args.verify or args.option or args.weights:
             parser.error("--to-torch takes only --out")
         if not args.out:
             parser.error("--to-torch needs --out FILE (.pth or .safetensors)")
@@ -76,14 +81,27 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
         parser.error("--from converts one file: give MODEL, not --all")
     options = dict(_parse_option(parser, option) for option in args.option)
     failures = 0
-    for name in list_models() if args.all else [args.model]:
-        out = Path(args.out) / cached_weights_path(name).name if args.all and args.out else args.out
+    for name in _models(parser, args):
+        out = Path(args.out) / cached_weights_path(name, args.weights).name if args.all and args.out else args.out
 
         def convert_one(name: str = name, out: str | Path | None = out) -> int:
-            return _print(_describe(convert(name, args.source, out, verify=args.verify, model_options=options)))
+            return _print(_describe(convert(name, args.source, out, verify=args.verify, model_options=options,
+                                            weights=args.weights)))
 
         failures += errors.run_cli(prog, convert_one)  # one model failing does not stop --all
     return 1 if failures else 0
+
+
+def _models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The models to convert: MODEL, or with --all every model (that has the --weights asked for)."""
+    if not args.all:
+        return [args.model]
+    if args.weights is None or args.weights == TORCHVISION_DEFAULT:
+        return list_models()
+    names = [name for name in list_models() if args.weights in get_spec(name).weight_versions]
+    if not names:
+        parser.error(f"--weights {args.weights}: no registered model has weights of that name")
+    return names
 
 
 def _print(line: str) -> int:

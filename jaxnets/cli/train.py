@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import signal
 import sys
 import types
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxnets import errors, host
-from jaxnets.config import TrainConfig
+from jaxnets.config import TrainConfig, recipe_settings
 
 CONFIG_FLAG = "--config"
 
@@ -75,10 +76,18 @@ def _flag_arguments(field: dataclasses.Field, hint: Any) -> tuple[str, dict[str,
     return flag, kwargs
 
 
+def _wrapped_help(prog: str) -> argparse.HelpFormatter:
+    """Help lines wrapped to the terminal (at most 100 columns), flags in a column of their own."""
+    width = min(100, shutil.get_terminal_size((100, 24)).columns)
+    return argparse.HelpFormatter(prog, max_help_position=30, width=width)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """One flag per ``TrainConfig`` field, generated: the field owns the default and the help."""
+    # A short usage line: the generated one lists all ~60 flags in 20 lines above the help that explains them.
     p = argparse.ArgumentParser(prog=prog or errors.command("train"), description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawTextHelpFormatter)
+                                usage="%(prog)s [-h] [--config FILE] [--model MODEL] [--dataset DATASET] [options]",
+                                formatter_class=_wrapped_help)
     p.add_argument(CONFIG_FLAG, metavar="FILE", help="start from the settings of a run's config.json (what it "
                                                       "resolved); flags given as well override them")
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -99,6 +108,8 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str | None = None)
     parser = build_parser(prog)
     argv = sys.argv[1:] if argv is None else list(argv)
     given, _ = parser.parse_known_args(argv)
+    if given.recipe is not None:  # the recipe's settings, under the config file's and the flags given
+        parser.set_defaults(**recipe_settings(given.recipe))
     if given.config is not None:
         path = Path(given.config)
         if not path.is_file():

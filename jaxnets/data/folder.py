@@ -1,6 +1,8 @@
 """Source: a folder of images in class subfolders, ``root/<class>/<image>``, with ``train/`` and ``val/`` (or
 ``validation/``) split folders or without (then validation is held out of each class). Files that
-TensorFlow could not decode are skipped when the folder is scanned, and reported."""
+TensorFlow could not decode are skipped when the folder is scanned, and reported. Examples may also be ``.npy``
+arrays ``(H, W, C)`` (``arrays``): any number of channels, where image files give 1 (``in_chans=1``, read as
+grayscale) or 3 (RGB)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxnets.data.arrays import ARRAY_EXTENSION, check_array, is_array_file
 from jaxnets.data.config import DataConfig, DataError
 from jaxnets.data.image_checks import check_image
 from jaxnets.data.indexed import IndexedSplit
 from jaxnets.data.labels import SPLIT_SEED, held_out
 from jaxnets.data.split import Source
-from jaxnets.data.transforms import IMAGE_EXTENSIONS
+from jaxnets.data.transforms import IMAGE_CHANNELS, IMAGE_EXTENSIONS
 
 VAL_DIRS = ("val", "validation")
 
@@ -34,16 +37,23 @@ def load(config: DataConfig, process_count: int) -> Source:
         raise DataError(f"dataset folder {config.dataset!r} does not exist")
     train_dir, val_dir = _split_dirs(root)
     if train_dir is not None and val_dir is not None:
-        class_names, train, val, skipped = _train_val_folders(train_dir, val_dir)
+        class_names, train, val, skipped = _train_val_folders(train_dir, val_dir, config.in_chans)
         notes = [f"folder {root}: train/ and {val_dir.name}/ splits"]
     else:
         scanned = train_dir or root
         class_names = _class_dirs(scanned)
-        examples, skipped = _scan(scanned, class_names)
+        examples, skipped = _scan(scanned, class_names, config.in_chans)
         layout = "train/ without val/" if train_dir else "no train/ and val/ subfolders"
         train, val, notes = _hold_out_folder(root, layout, examples, class_names, config.val_fraction)
+    return folder_source(root, class_names, train, val, notes, skipped)
+
+
+def folder_source(root: Path, class_names: tuple[str, ...], train: IndexedSplit, val: IndexedSplit,
+                  notes: list[str], skipped: list[str]) -> Source:
+    """A folder's ``Source``, its notes naming every unreadable file skipped (one line each, so the log says which
+    files to fix, not just how many); a split left empty is a ``DataError``."""
     if skipped:
-        notes.append(f"skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}")
+        notes += [f"skipped {len(skipped)} unreadable image file(s):", *(f"  {entry}" for entry in skipped)]
     for split_name, split in (("training", train), ("validation", val)):
         if len(split) == 0:
             raise DataError(f"folder {root}: no readable {split_name} images")
@@ -66,13 +76,13 @@ def _has_subfolders(directory: Path) -> bool:
     return bool(_subfolders(directory))
 
 
-def _train_val_folders(train_dir: Path, val_dir: Path):
+def _train_val_folders(train_dir: Path, val_dir: Path, in_chans: int):
     class_names = _class_dirs(train_dir)
-    train, skipped_train = _scan(train_dir, class_names)
+    train, skipped_train = _scan(train_dir, class_names, in_chans)
     unknown = sorted(set(_class_dirs(val_dir)) - set(class_names))
     if unknown:
         raise DataError(f"{val_dir}: class folder(s) {', '.join(unknown)} are not in {train_dir}")
-    val, skipped_val = _scan(val_dir, class_names)
+    val, skipped_val = _scan(val_dir, class_names, in_chans)
     return class_names, train, val, skipped_train + skipped_val
 
 
@@ -104,18 +114,33 @@ def _class_dirs(root: Path) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _scan(root: Path, class_names: Sequence[str]) -> tuple[IndexedSplit, list[str]]:
-    """Image files under ``root/<class>/``, sorted; unreadable ones are skipped and returned."""
+def _scan(root: Path, class_names: Sequence[str], in_chans: int = 3) -> tuple[IndexedSplit, list[str]]:
+    """Image files (and ``.npy`` arrays) under ``root/<class>/``, sorted; unreadable ones are skipped and returned.
+    An image file where ``in_chans`` is neither 1 nor 3, or an array of other than ``in_chans`` channels, is a
+    ``DataError``: the run is set up for other data."""
     candidates = []
     for label, name in enumerate(class_names):
         directory = root / name
         if directory.is_dir():
             candidates += [(str(p), label) for p in sorted(directory.rglob("*"))
-                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-    with ThreadPoolExecutor(8) as pool:
-        problems = list(pool.map(check_image, [path for path, _ in candidates]))
+                           if p.suffix.lower() in (*IMAGE_EXTENSIONS, ARRAY_EXTENSION) and p.is_file()]
+    image = next((path for path, _ in candidates if not is_array_file(path)), None)
+    if image is not None and in_chans not in IMAGE_CHANNELS:
+        raise DataError(f"--in-chans {in_chans}: {image} is an image file, which decodes to 1 or 3 channels; "
+                        f"give {in_chans}-channel examples as .npy arrays (H, W, {in_chans})")
+
+    problems = file_problems([path for path, _ in candidates], in_chans)
     good = [c for c, problem in zip(candidates, problems, strict=True) if problem is None]
     skipped = [f"{path} ({problem})" for (path, _), problem in zip(candidates, problems, strict=True) if problem]
     paths = np.array([p for p, _ in good], dtype=object).astype(str) if good else np.zeros(0, str)
-    return IndexedSplit(np.array([label for _, label in good], np.int32), paths=paths), skipped
+    return IndexedSplit(np.array([label for _, label in good], np.int32), paths=paths, channels=in_chans), skipped
 
+
+def file_problems(paths: Sequence[str], in_chans: int) -> list[str | None]:
+    """For each example file, why it cannot be read (None when it can): image files by ``check_image``, ``.npy``
+    arrays by ``check_array``; checked in parallel (the checks read files)."""
+    def check(path: str) -> str | None:
+        return check_array(path, in_chans) if is_array_file(path) else check_image(path)
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(check, paths))

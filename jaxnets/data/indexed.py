@@ -21,8 +21,9 @@ class IndexedSplit(Split):
     """Examples addressable by index: decoded images in memory, or image files."""
 
     labels: np.ndarray  # int32 (n,)
-    images: np.ndarray | None = None  # uint8 (n, h, w, 3)
+    images: np.ndarray | None = None  # uint8 (n, h, w, channels)
     paths: np.ndarray | None = None  # str (n,)
+    channels: int = 3  # what files are decoded to (transforms.decode_file)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -30,16 +31,16 @@ class IndexedSplit(Split):
     def subset(self, keep: np.ndarray, labels: np.ndarray | None = None) -> IndexedSplit:
         return IndexedSplit(self.labels[keep] if labels is None else labels,
                             None if self.images is None else self.images[keep],
-                            None if self.paths is None else self.paths[keep])
+                            None if self.paths is None else self.paths[keep], self.channels)
 
     def loader(self):
-        """A tf function: index -> (uint8 image (h, w, 3), label)."""
+        """A tf function: index -> (image (h, w, channels), label)."""
         labels = tf.constant(self.labels, tf.int32)
         if self.images is not None:
             images = tf.constant(self.images)
             return lambda i: (tf.gather(images, i), tf.gather(labels, i))
         paths = tf.constant(self.paths)
-        return lambda i: (decode_file(tf.gather(paths, i)), tf.gather(labels, i))
+        return lambda i: (decode_file(tf.gather(paths, i), self.channels), tf.gather(labels, i))
 
     def steps_per_epoch(self, batch_size: int, shard: Shard) -> int:
         return len(self) // batch_size

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from jaxnets.data import digits, folder, tfds
-from jaxnets.data.config import DataConfig, DataError, check_config
+from jaxnets.data import digits, folder, multilabel, tfds
+from jaxnets.data.config import DataConfig, DataError, TooFewExamples, check_config
 from jaxnets.data.dataset import Dataset
 from jaxnets.data.labels import check_classes, keep_classes
 from jaxnets.data.split import Source
@@ -21,6 +21,7 @@ Loader = Callable[[DataConfig, int], Source]  # (config, process count) -> the d
 
 SOURCES: tuple[tuple[Recognizer, Loader], ...] = (
     (digits.recognizes, digits.load),  # 'digits'
+    (multilabel.recognizes, multilabel.load),  # --multi-label: a folder with a labels.csv
     (folder.recognizes, folder.load),  # an existing folder, or a name that can only be a path
     (tfds.recognizes, tfds.load),  # any other name: last
 )
@@ -40,6 +41,6 @@ def load_dataset(config: DataConfig, process_index: int = 0, process_count: int 
     dataset = Dataset(source.name, source.class_names, source.train, source.val, config, process_index,
                       process_count, notes)
     if dataset.steps_per_epoch < 1:
-        raise DataError(f"dataset {source.name!r}: {len(source.train)} training examples, fewer than one global "
-                        f"batch of {config.batch_size}; lower --batch-size")
+        raise TooFewExamples(f"dataset {source.name!r}: {len(source.train)} training examples, fewer than one "
+                             f"global batch of {config.batch_size}; lower --batch-size", len(source.train))
     return dataset

@@ -1,5 +1,6 @@
 """The interface between the data sources and ``Dataset``: a ``Split`` is one split's examples as ``tf.data``
-datasets of uint8 images, whatever their origin; a ``Source`` is what a source's loader gives for a dataset.
+datasets of images (pixel values 0..255: uint8, or float32 for ``.npy`` arrays; the channels the model takes),
+whatever their origin; a ``Source`` is what a source's loader gives for a dataset.
 
 ``Dataset`` batches, augments and evaluates through this interface only, so a new kind of split (a Hugging
 Face ``datasets`` split, tar shards, ...) implements these methods and needs no change elsewhere. Two kinds
@@ -41,14 +42,14 @@ class Split(ABC):
 
     @abstractmethod
     def train_examples(self, batch_size: int, shard: Shard, seed: int, epoch: int, start_step: int) -> tf.data.Dataset:
-        """``(uint8 image (h, w, 3), int32 label, int64 position)`` of this process's share of every global
+        """``(image (h, w, channels), int32 label, int64 position)`` of this process's share of every global
         batch of epoch ``epoch`` from step ``start_step``, in batch order, a deterministic function of
         ``(seed, epoch)``. ``position`` seeds the example's augmentation: distinct within the epoch, also
         across processes, and the same whatever ``start_step`` is."""
 
     @abstractmethod
     def eval_examples(self, batch_size: int, shard: Shard) -> tf.data.Dataset:
-        """``(uint8 image, int32 label, bool mask)``: every example of the split once over all processes
+        """``(image, int32 label, bool mask)``: every example of the split once over all processes
         (``mask`` True), padded with masked fillers to the same number of local batches on every process:
         the compiled evaluation step is collective."""
 

@@ -1,5 +1,6 @@
-"""Splits read as streams: each process reads only its own sub-split, in a fixed order, and shuffles it with
-a buffer seeded by ``(seed, epoch)``. The order is deterministic too, but depends on the number of processes.
+"""Splits read as streams: each process reads only its own sub-split, in a fixed order, and shuffles one pass of
+it with a buffer seeded by ``(seed, epoch)``: an epoch sees each example at most once (the remainder past the last
+whole batch is dropped). The order is deterministic too, but depends on the number of processes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class StreamedSplit(Split):
 
     @abstractmethod
     def host_dataset(self, shard: Shard) -> tf.data.Dataset:
-        """``(uint8 image (h, w, 3), int32 label)`` of this process's sub-split, in a fixed order."""
+        """``(uint8 image (h, w, channels), int32 label)`` of this process's sub-split, in a fixed order."""
 
     def __len__(self) -> int:
         return sum(self.host_sizes)
@@ -30,8 +31,11 @@ class StreamedSplit(Split):
 
     def train_examples(self, batch_size: int, shard: Shard, seed: int, epoch: int, start_step: int) -> tf.data.Dataset:
         local = shard.local(batch_size)
-        ds = self.host_dataset(shard).repeat()
-        ds = ds.shuffle(SHUFFLE_BUFFER, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
+        # One pass over this process's examples, reshuffled each epoch: each example at most once (a pass repeated
+        # before the shuffle, with a buffer larger than the split, would draw some twice and miss others). Every
+        # process has at least steps_per_epoch local batches, so cutting each pass there keeps the processes in step.
+        buffer = max(1, min(SHUFFLE_BUFFER, self.host_sizes[shard.index]))
+        ds = self.host_dataset(shard).shuffle(buffer, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
         ds = ds.take(self.steps_per_epoch(batch_size, shard) * local).enumerate().skip(start_step * local)
         # Per-example seed from its position in this process's stream, distinct across processes.
         return ds.map(lambda pos, ex: (ex[0], ex[1], pos * shard.count + shard.index))

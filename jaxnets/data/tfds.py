@@ -5,8 +5,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import logging
 import socket
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from jaxnets.data.labels import SPLIT_SEED
 from jaxnets.data.lazy_tf import tf
 from jaxnets.data.split import Shard, Source
 from jaxnets.data.streamed import StreamedSplit
-from jaxnets.data.transforms import to_rgb
+from jaxnets.data.transforms import check_channels, to_channels
 from jaxnets.errors import first_line
 
 _TFDS_HOST = "storage.googleapis.com"  # TFDS's prepared copies, and the source of many of its datasets
@@ -36,6 +40,8 @@ class TfdsSplit(StreamedSplit):
     split: str
     host_sizes: list[int]
     label_map: np.ndarray | None = None  # original label -> new label, -1 to drop
+    channels: int = 3  # what the images are converted to (transforms.to_channels)
+    multi_hot: int = 0  # a multi-label dataset's class count: its label sequences become multi-hot rows
 
     def host_dataset(self, shard: Shard) -> tf.data.Dataset:
         import tensorflow_datasets as tfds
@@ -43,14 +49,23 @@ class TfdsSplit(StreamedSplit):
         split = tfds.split_for_jax_process(self.split, process_index=shard.index, process_count=shard.count)
         read_config = tfds.ReadConfig(shuffle_seed=SPLIT_SEED, interleave_cycle_length=1)
         ds = self.builder.as_dataset(split=split, shuffle_files=False, as_supervised=True, read_config=read_config)
-        ds = ds.map(lambda image, label: (to_rgb(image), tf.cast(label, tf.int32)))
+        ds = ds.map(lambda image, label: (to_channels(image, self.channels), self._label(label)))
         if self.label_map is not None:
             table = tf.constant(self.label_map, tf.int32)
             ds = ds.map(lambda image, label: (image, tf.gather(table, label))).filter(lambda _, label: label >= 0)
         return ds
 
+    def _label(self, label: tf.Tensor) -> tf.Tensor:
+        """A class index, or (multi-label) a sequence of them as a multi-hot int32 row."""
+        label = tf.cast(label, tf.int32)
+        if not self.multi_hot:
+            return label
+        return tf.minimum(tf.reduce_sum(tf.one_hot(label, self.multi_hot, dtype=tf.int32), axis=0), 1)
+
     def relabel(self, label_map: np.ndarray) -> TfdsSplit:
-        return TfdsSplit(self.builder, self.split, self._count_kept(label_map), label_map)
+        if self.multi_hot:
+            raise DataError(f"TFDS {self.builder.name}: --classes does not apply to multi-label data")
+        return TfdsSplit(self.builder, self.split, self._count_kept(label_map), label_map, self.channels)
 
     def _count_kept(self, label_map: np.ndarray) -> list[int]:
         """Examples per process after a class filter: one pass over the labels (images are not decoded)."""
@@ -75,9 +90,9 @@ def load(config: DataConfig, process_count: int) -> Source:
     name = config.dataset
     try:
         builder = tfds.builder(name, data_dir=config.data_dir)
-    except Exception as error:  # noqa: BLE001 - tfds raises many types for an unknown name
-        raise DataError(f"unknown dataset {name!r}: not 'digits', not an existing folder, and not a TFDS dataset "
-                        f"({type(error).__name__})") from None
+    except Exception:  # noqa: BLE001 - tfds raises many types for an unknown name (cifar-10: a ValueError)
+        raise DataError(f"unknown dataset {name!r}: not 'digits', not an existing folder, and not a TFDS dataset"
+                        f"{_did_you_mean(name)}") from None
     if not builder.info.supervised_keys:
         raise DataError(f"TFDS dataset {name!r} has no (image, label) supervised keys")
     if not _is_prepared(builder):
@@ -88,9 +103,16 @@ def load(config: DataConfig, process_count: int) -> Source:
             raise DataError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and could not be "
                             f"downloaded ({reason}); prepare it there"
                             + ("" if config.data_dir else " or pass --data-dir where it is prepared"))
+    image_feature = builder.info.features[builder.info.supervised_keys[0]]
+    shape = getattr(image_feature, "shape", None)
+    check_channels(shape[-1] if shape else None, config.in_chans, f"TFDS {name}'s images {tuple(shape or ())}")
     splits = builder.info.splits
-    label_feature = builder.info.features[builder.info.supervised_keys[1]]
-    class_names = tuple(label_feature.names)
+    class_names, multi_label = _classes(builder.info.features[builder.info.supervised_keys[1]])
+    if multi_label != config.multi_label:
+        raise DataError(f"TFDS dataset {name!r}: " + ("its labels are sequences of classes (multi-label): pass "
+                                                      "--multi-label" if multi_label else
+                                                      "--multi-label needs labels that are sequences of classes; "
+                                                      "its label is one class per image"))
     if "validation" in splits:
         train_split, val_split = "train", "validation"
         notes = [f"TFDS {name}: train / validation splits"]
@@ -98,8 +120,31 @@ def load(config: DataConfig, process_count: int) -> Source:
         percent = round(100 * config.val_fraction)
         train_split, val_split = f"train[{percent}%:]", f"train[:{percent}%]"
         notes = [f"TFDS {name}: no validation split; held out the first {percent}% of train ({val_split})"]
-    return Source(name, class_names, _tfds_split(builder, train_split, process_count),
-                  _tfds_split(builder, val_split, process_count), notes)
+    multi_hot = len(class_names) if multi_label else 0
+    return Source(name, class_names, _tfds_split(builder, train_split, process_count, config.in_chans, multi_hot),
+                  _tfds_split(builder, val_split, process_count, config.in_chans, multi_hot), notes)
+
+
+def _did_you_mean(name: str) -> str:
+    """``'; did you mean cifar10?'`` for ``cifar-10``: the TFDS datasets spelled closest to ``name`` (its part
+    before a config or version), or nothing."""
+    import tensorflow_datasets as tfds
+
+    try:
+        known = tfds.list_builders(with_community_datasets=False)
+    except Exception:  # noqa: BLE001 - a suggestion is a courtesy: never the error itself
+        return ""
+    close = difflib.get_close_matches(name.split("/")[0].split(":")[0].lower(), known, n=3, cutoff=0.75)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _classes(label_feature) -> tuple[tuple[str, ...], bool]:
+    """The class names of a label feature, and whether it is multi-label (a ``Sequence`` of ``ClassLabel``)."""
+    import tensorflow_datasets as tfds
+
+    if isinstance(label_feature, tfds.features.Sequence):
+        return tuple(label_feature.feature.names), True
+    return tuple(label_feature.names), False
 
 
 def _offline_reason() -> str | None:
@@ -127,17 +172,36 @@ def _download_and_prepare(builder) -> str | None:
 
 def _is_prepared(builder) -> bool:
     try:
-        return bool(builder.is_prepared())
+        with _no_absl_warning("has no dataset_info.json"):
+            return bool(builder.is_prepared())
     except AttributeError:  # older tfds
         return Path(builder.data_dir, "dataset_info.json").exists()
 
 
-def _tfds_split(builder, split: str, process_count: int) -> TfdsSplit:
+@contextlib.contextmanager
+def _no_absl_warning(text: str) -> Iterator[None]:
+    """Without tfds's log records containing ``text`` (through absl's logger): asked whether a dataset is prepared,
+    tfds warns "Variant folder ... has no dataset_info.json" even where no folder exists, a misleading line
+    above the download, or the error saying the dataset is not prepared, that follows."""
+    logger = logging.getLogger("absl")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def _tfds_split(builder, split: str, process_count: int, channels: int, multi_hot: int = 0) -> TfdsSplit:
     import tensorflow_datasets as tfds
 
     host_splits = [tfds.split_for_jax_process(split, process_index=p, process_count=process_count)
                    for p in range(process_count)]
-    return TfdsSplit(builder, split, [_tfds_size(builder, s) for s in host_splits])
+    return TfdsSplit(builder, split, [_tfds_size(builder, s) for s in host_splits], channels=channels,
+                     multi_hot=multi_hot)
 
 
 def _tfds_size(builder, split) -> int:

@@ -9,17 +9,23 @@ torchvision's eval transform: resize the shorter side, center crop.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
-from jaxnets.data.config import DataConfig
+from jaxnets.data import autoaugment, erasing
+from jaxnets.data.arrays import ARRAY_EXTENSION, load_array
+from jaxnets.data.config import DataConfig, DataError
 from jaxnets.data.lazy_tf import tf
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what decode_rgb reads
+IMAGE_CHANNELS = (1, 3)  # what an image file decodes to: grayscale or RGB
 
 
 def augmentation(config: DataConfig, epoch_seed: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """``(uint8 image, position) -> normalized float32 image``: a random resized crop and (``config.hflip``)
-    a horizontal flip, seeded by the epoch and the example's position in it."""
+    a horizontal flip, seeded by the epoch and the example's position in it; then, when asked, an automatic
+    augmentation policy and random erasing (``policy_and_erasing``)."""
+    extra = policy_and_erasing(config)
 
     def augment(image: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
         seed = tf.stack([tf.constant(epoch_seed, tf.int64), tf.cast(position, tf.int64)])
@@ -27,13 +33,33 @@ def augmentation(config: DataConfig, epoch_seed: int) -> Callable[[tf.Tensor, tf
         image = random_resized_crop(image, config.image_size, crop_seed, scale=(config.min_crop_scale, 1.0))
         if config.hflip:
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-        return normalize(image, config)
+        return extra(image, seed) if extra else normalize(image, config)
     return augment
+
+
+def policy_and_erasing(config: DataConfig) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None:
+    """``(cropped image, example seed) -> normalized image`` with ``config.auto_augment``'s policy on whole
+    levels (torchvision's uint8 crop) and ``config.random_erase`` after normalization, as torchvision's reference
+    preset orders them; None when neither is asked (the crop and flip keep their seeds either way)."""
+    if config.auto_augment is None and not config.random_erase:
+        return None
+    policy = (None if config.auto_augment is None else
+              autoaugment.policy(config.auto_augment, config.image_size, config.image_size, config.ra_magnitude))
+
+    def apply(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        policy_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(seed, 1), 2))
+        if policy is not None:  # on whole levels of known channels (the ops differ for gray and RGB)
+            levels = tf.ensure_shape(tf.clip_by_value(tf.round(image), 0.0, 255.0), [None, None, config.in_chans])
+            image = policy(levels, policy_seed)
+        image = normalize(image, config)
+        return erasing.random_erase(image, erase_seed, config.random_erase) if config.random_erase else image
+    return apply
 
 
 def eval_transform(config: DataConfig) -> Callable[[tf.Tensor], tf.Tensor]:
     """``uint8 image -> normalized float32 image``: torchvision's resize of the shorter side and center crop."""
-    return lambda image: normalize(center_crop(resize_shorter(image, config.eval_resize), config.image_size), config)
+    return lambda image: normalize(center_crop(resize_shorter(image, config.eval_resize), config.eval_crop), config)
 
 
 def normalize(image: tf.Tensor, config: DataConfig) -> tf.Tensor:
@@ -82,12 +108,39 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
     shape = tf.shape(image)
     top = tf.cast(tf.round((shape[0] - size) / 2), tf.int32)
     left = tf.cast(tf.round((shape[1] - size) / 2), tf.int32)
-    return tf.slice(image, [top, left, 0], [size, size, 3])
+    return tf.slice(image, [top, left, 0], [size, size, -1])
 
 
-def decode_file(path: tf.Tensor) -> tf.Tensor:
-    """An image file, by its path, as uint8 RGB (H, W, 3)."""
-    return decode_rgb(tf.io.read_file(path))
+def decode_file(path: tf.Tensor, channels: int = 3) -> tf.Tensor:
+    """An example file, by its path, as float32 (H, W, ``channels``) pixel values in 0..255: an image file
+    (``decode_image``: 1 or 3 channels) or a ``.npy`` array (``arrays.load_array``: any count, the only kind for
+    other than 1 and 3). One dtype for both, so that a folder may mix them."""
+    if channels not in IMAGE_CHANNELS:
+        return load_array_op(path, channels)
+    is_array = tf.strings.regex_full_match(tf.strings.lower(path), ".*" + re.escape(ARRAY_EXTENSION))
+    return tf.cond(is_array, lambda: load_array_op(path, channels),
+                   lambda: tf.cast(decode_image(tf.io.read_file(path), channels), tf.float32))
+
+
+def load_array_op(path: tf.Tensor, channels: int) -> tf.Tensor:
+    """``arrays.load_array`` as a TensorFlow op: float32 (H, W, ``channels``)."""
+    array = tf.numpy_function(load_array, [path], tf.float32, stateful=False)
+    array.set_shape([None, None, channels])
+    return array
+
+
+def decode_image(data: tf.Tensor, channels: int = 3) -> tf.Tensor:
+    """An image file's bytes as uint8 (H, W, ``channels``): RGB (3) or grayscale (1; color images converted
+    to luma as TensorFlow's decoders do), as training reads every folder image."""
+    if channels == 3:
+        return decode_rgb(data)
+    head = tf.strings.substr(data, 0, 12) + b"\0" * 12
+    is_webp = (tf.strings.substr(head, 0, 4) == b"RIFF") & (tf.strings.substr(head, 8, 4) == b"WEBP")
+    # decode_image reads WebP as RGB(A) whatever it is asked: its gray is the luma of decode_rgb's pixels.
+    image = tf.cond(is_webp, lambda: tf.image.rgb_to_grayscale(decode_rgb(data)),
+                    lambda: tf.io.decode_image(data, channels=1, expand_animations=False))
+    image.set_shape([None, None, 1])
+    return image
 
 
 def decode_rgb(data: tf.Tensor) -> tf.Tensor:
@@ -105,9 +158,23 @@ def decode_rgb(data: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def to_rgb(image: tf.Tensor) -> tf.Tensor:
-    """A decoded gray or RGB image (any integer dtype) as uint8 RGB."""
-    if image.shape[-1] == 1:
+def to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+    """A decoded image (any integer dtype; its channel count known statically) as uint8 with ``channels``
+    channels, by ``channel_conversion``'s rule."""
+    have = image.shape[-1]
+    check_channels(have, channels, f"images of shape {tuple(image.shape)}")
+    if have == 1 and channels == 3:
         image = tf.image.grayscale_to_rgb(image)
+    elif have == 3 and channels == 1:
+        image = tf.image.rgb_to_grayscale(image)
     return tf.cast(image, tf.uint8)
+
+
+def check_channels(have: int | None, want: int, what: str) -> None:
+    """Images of ``have`` channels can feed a model of ``want`` (``--in-chans``) when they are equal, or are
+    gray and RGB (gray repeated to RGB, as PIL's ``convert('RGB')``; RGB to its luma); anything else is a
+    ``DataError`` naming both."""
+    if have == want or (have in IMAGE_CHANNELS and want in IMAGE_CHANNELS):
+        return
+    raise DataError(f"--in-chans {want}: {what} have {have} channel(s); use --in-chans {have} or convert them")
 

@@ -41,6 +41,8 @@ from jaxnets.weights.pretrained import (
     load_pretrained,
     open_pretrained,
     reinitialize_head,
+    resolve_weights,
+    torchvision_weights_of,
 )
 from jaxnets.weights.torch_io import (
     DATA_PARALLEL_PREFIX,
@@ -59,5 +61,5 @@ __all__ = [
     "cached_weights_path", "check_fits", "check_model_options", "check_variables", "compare_with_torchvision",
     "content_sha256", "convert", "expected_shapes", "export_torch", "fetch_torchvision_state_dict", "file_sha256",
     "for_new_task", "instantiate", "load_pretrained", "load_weights", "model_options", "open_pretrained",
-    "read_state_dict", "reinitialize_head", "save_weights",
+    "read_state_dict", "reinitialize_head", "resolve_weights", "save_weights", "torchvision_weights_of",
 ]

@@ -28,7 +28,7 @@ from jaxnets._version import __version__
 from jaxnets.errors import UserError
 from jaxnets.fileio import atomic_path
 from jaxnets.mapping import layout_problems, variable_shapes
-from jaxnets.registry import RESERVED_OPTIONS, ModelRef, get_spec
+from jaxnets.registry import NO_CLASSIFIER, RESERVED_OPTIONS, ModelRef, get_spec
 
 FORMAT = "jaxnets.weights"
 FORMAT_VERSION = 1
@@ -64,7 +64,8 @@ def save_weights(path: PathLike, name: ModelRef, variables: Mapping[str, Any], *
     """Write ``variables`` of model ``name`` atomically (temp file + rename) as a jaxnets weights file.
 
     The variables must fit ``create_model(name, num_classes, **model_options)``: a file that cannot be
-    loaded back is never written. ``metadata`` (JSON-serializable) is stored as is: ``source``,
+    loaded back is never written. A backbone (``model_options`` with ``features_only=True``) is recorded with
+    ``num_classes`` 0 (``NO_CLASSIFIER``). ``metadata`` (JSON-serializable) is stored as is: ``source``,
     ``source_sha256``, ``categories`` (class names, shown by ``jaxnets.predict``), ...
     """
     path = Path(path)
@@ -72,10 +73,13 @@ def save_weights(path: PathLike, name: ModelRef, variables: Mapping[str, Any], *
     model_options = check_model_options(spec, model_options or {}, where=f"{path}: ")
     tensors = {key: np.ascontiguousarray(np.asarray(value)) for key, value in trees.flatten(variables).items()}
     classifier = f"params/{spec.classifier}/kernel"
-    if classifier not in tensors:
+    if model_options.get("features_only"):
+        num_classes = NO_CLASSIFIER  # a backbone: the header says so, and records features_only
+    elif classifier not in tensors:
         raise WeightsError(f"{path}: {spec.name} variables have no classifier {classifier!r}; "
-                           f"not {spec.name} variables?")
-    num_classes = int(tensors[classifier].shape[-1])
+                           f"not {spec.name} variables? (a backbone's: model_options features_only=True)")
+    else:
+        num_classes = int(tensors[classifier].shape[-1])
     check_fits(f"{path}: {spec.name}", {k: v.shape for k, v in tensors.items()},
                expected_shapes(spec, num_classes, model_options))
     header = {

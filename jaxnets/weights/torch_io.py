@@ -19,7 +19,7 @@ from flax import linen as nn
 
 from jaxnets import errors, trees
 from jaxnets.fileio import atomic_path
-from jaxnets.mapping import as_numpy, to_torch_state_dict
+from jaxnets.mapping import as_numpy, decided_options, stem_kernels, to_torch_state_dict
 from jaxnets.registry import ModelRef, get_spec
 from jaxnets.weights.fileformat import (
     FORMAT,
@@ -92,27 +92,28 @@ def _read_torch_file(path: Path) -> dict[str, np.ndarray]:
     return state
 
 
-def fetch_torchvision_state_dict(name: ModelRef) -> tuple[dict[str, np.ndarray], str, str]:
-    """Download torchvision's ImageNet weights for ``name`` through torchvision's Weights API
-    (hash-checked, cached by torch.hub): ``(state dict, url, SHA-256 of the file)``."""
+def fetch_torchvision_state_dict(name: ModelRef, version: str | None = None) -> tuple[dict[str, np.ndarray], str, str]:
+    """Download torchvision's ImageNet weights ``version`` (None: ``IMAGENET1K_V1``) for ``name`` through
+    torchvision's Weights API (hash-checked, cached by torch.hub): ``(state dict, url, SHA-256 of the file)``."""
     spec = get_spec(name)
-    hint = (f"download {spec.weights.url} where you can and run: "
-            f"{errors.command('convert')} {spec.name} --from {spec.weights.filename}")
+    published = spec.get_weights(version)
+    hint = (f"download {published.url} where you can and run: {errors.command('convert')} {spec.name} "
+            f"--from {published.filename}")
     torch = _import_torch(f"fetching torchvision's {spec.name} weights", hint)
     import torchvision
 
-    weights = torchvision.models.get_model_weights(spec.name)[spec.weights.torchvision_name]
+    weights = torchvision.models.get_model_weights(spec.name)[published.torchvision_name]
     try:
         state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a hash mismatch a RuntimeError
-        raise WeightsError(f"{spec.name}: cannot download {spec.weights.url} ({errors.one_line(exc)}); "
+        raise WeightsError(f"{spec.name}: cannot download {published.url} ({errors.one_line(exc)}); "
                            f"{hint}") from None
-    file = Path(torch.hub.get_dir()) / "checkpoints" / spec.weights.filename
+    file = Path(torch.hub.get_dir()) / "checkpoints" / published.filename
     sha256 = file_sha256(file) if file.is_file() else ""
-    if sha256 and not sha256.startswith(spec.weights.sha256_prefix):
-        raise WeightsError(f"{file}: SHA-256 {sha256[:12]}... is not torchvision's {spec.weights.sha256_prefix}...: "
+    if sha256 and not sha256.startswith(published.sha256_prefix):
+        raise WeightsError(f"{file}: SHA-256 {sha256[:12]}... is not torchvision's {published.sha256_prefix}...: "
                            f"a damaged download; delete it and convert again")
-    return {key: as_numpy(value) for key, value in state.items()}, spec.weights.url, sha256
+    return {key: as_numpy(value) for key, value in state.items()}, published.url, sha256
 
 
 # --- verifying ----------------------------------------------------------------------------------------
@@ -122,22 +123,51 @@ def compare_with_torchvision(name: ModelRef, state_dict: Mapping[str, np.ndarray
                              model_options: Mapping[str, Any], *, image_size: int = 224, batch_size: int = 2,
                              seed: int = 0) -> tuple[float, float]:
     """Run torchvision (loaded with ``state_dict``) and jaxnets (with ``variables``) in eval mode on one
-    random batch: ``(max |logit difference|, tolerance)``."""
+    random batch: ``(max |logit difference|, tolerance)``.
+
+    A stem of other than 3 input channels (``in_chans``, which the state dict decides) is compared with
+    torchvision's model whose stem convolution is replaced by one of that many channels, as a model adapted by
+    ``adapt_input_conv`` is; a backbone (``features_only``) has no logits and is refused."""
     torch = _import_torch("--verify", "convert without verifying")
     import torchvision
 
     spec = get_spec(name)
+    decided = decided_options(spec, variables)
+    if decided.get("features_only") or model_options.get("features_only"):
+        raise WeightsError(f"--verify compares logits; {spec.name} backbone weights (features_only, no classifier) "
+                           f"have none: convert them without --verify")
+    in_chans = decided.get("in_chans", 3)
+    if model_options.get("in_chans", in_chans) != in_chans:
+        raise WeightsError(f"--option in_chans={model_options['in_chans']}: the state dict's {spec.name} stem takes "
+                           f"{in_chans} channels; convert it as it is (load_pretrained(..., in_chans=...) adapts it)")
+    if in_chans != 3 and model_options.get("transform_input"):
+        raise WeightsError(f"--verify: torchvision's {spec.name} transform_input takes RGB input, the stem "
+                           f"in_chans={in_chans}: verify with --option transform_input=false")
     num_classes = int(np.shape(trees.flatten(variables)[f"params/{spec.classifier}/kernel"])[-1])
-    torch_model = torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes, **model_options,
+    torch_options = {key: value for key, value in model_options.items() if key != "in_chans"}
+    torch_model = torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes, **torch_options,
                                                **TORCHVISION_BUILD_KWARGS.get(spec.family, {}))
+    if in_chans != 3:
+        _replace_stem(torch, torch_model, spec, in_chans)
     # Source tensors for every weight; jaxnets' export only fills what the source may lack (num_batches_tracked).
     full = {**to_torch_state_dict(spec, variables), **state_dict}
     torch_model.load_state_dict({k: _as_tensor(torch, v) for k, v in full.items()}, strict=True)
-    x = np.random.default_rng(seed).standard_normal((batch_size, image_size, image_size, 3), np.float32)
+    x = np.random.default_rng(seed).standard_normal((batch_size, image_size, image_size, in_chans), np.float32)
     with torch.no_grad():
         expected = torch_model.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     actual = np.asarray(_eval_logits(spec.create(num_classes, **model_options), variables, x))
     return float(np.max(np.abs(actual - expected))), TOLERANCE * (1.0 + float(np.max(np.abs(expected))))
+
+
+def _replace_stem(torch: Any, torch_model: Any, spec: Any, in_chans: int) -> None:
+    """torchvision's stem convolution (``mapping.stem_kernels``) replaced by the same one for ``in_chans``
+    input channels: timm's ``adapt_input_conv`` changes only the stem's input channels, and so does jaxnets'."""
+    (path,) = stem_kernels(spec)
+    parent_name, _, leaf = ".".join(path[1:-1]).rpartition(".")
+    parent = torch_model.get_submodule(parent_name)
+    old = parent.get_submodule(leaf)
+    setattr(parent, leaf, torch.nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding,
+                                          old.dilation, old.groups, old.bias is not None))
 
 
 @partial(jax.jit, static_argnums=0)
@@ -176,6 +206,6 @@ def _import_torch(purpose: str, alternative: str) -> Any:
         import torch
         import torchvision  # noqa: F401  (imported here so a missing torchvision fails now, clearly)
     except ImportError:
-        raise WeightsError(f"{purpose} needs torch and torchvision (pip install 'jaxnets[torch]'); "
+        raise WeightsError(f"{purpose} needs torch and torchvision ({errors.install_hint('torch')}); "
                            f"otherwise {alternative}") from None
     return torch
