@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,13 @@ def install_hint(extra: str) -> str:
     if (checkout / "pyproject.toml").is_file():
         return f"pip install -e '{checkout}[{extra}]'"
     return f"pip install 'jaxnets[{extra}]'"
+
+
+def did_you_mean(name: str, known: Iterable[str], cutoff: float = 0.6) -> str:
+    """``"; did you mean a or b?"`` for the names in ``known`` close to ``name`` (case-insensitive), else ``""``:
+    the suffix every "unknown X" message ends with."""
+    close = difflib.get_close_matches(name.lower(), list(known), n=3, cutoff=cutoff)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def first_line(error: BaseException) -> str:

@@ -7,7 +7,6 @@ Like torchvision's ``models/_api.py``: one ``ModelSpec`` per name, ``list_models
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import json
 import numbers
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxnets import layers
-from jaxnets.errors import UserError
+from jaxnets.errors import UserError, did_you_mean
 from jaxnets.eval_transform import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from jaxnets.models.alexnet import AlexNet
 from jaxnets.models.backbone import FeatureInfo
@@ -344,8 +343,7 @@ def get_spec(model: ModelRef) -> ModelSpec:
     try:
         return _REGISTRY[model]
     except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(model).lower(), _REGISTRY, n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        hint = did_you_mean(str(model), _REGISTRY)
         raise UserError(f"unknown model {model!r}{hint}; known models: {', '.join(_REGISTRY)}") from None
 
 

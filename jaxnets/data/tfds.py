@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import logging
 import socket
 import urllib.request
@@ -22,7 +21,7 @@ from jaxnets.data.lazy_tf import tf
 from jaxnets.data.split import Shard, Source
 from jaxnets.data.streamed import StreamedSplit
 from jaxnets.data.transforms import check_channels, to_channels
-from jaxnets.errors import first_line
+from jaxnets.errors import did_you_mean, first_line
 
 _TFDS_HOST = "storage.googleapis.com"  # TFDS's prepared copies, and the source of many of its datasets
 
@@ -134,8 +133,7 @@ def _did_you_mean(name: str) -> str:
         known = tfds.list_builders(with_community_datasets=False)
     except Exception:  # noqa: BLE001 - a suggestion is a courtesy: never the error itself
         return ""
-    close = difflib.get_close_matches(name.split("/")[0].split(":")[0].lower(), known, n=3, cutoff=0.75)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
+    return did_you_mean(name.split("/")[0].split(":")[0], known, cutoff=0.75)
 
 
 def _classes(label_feature) -> tuple[tuple[str, ...], bool]:
