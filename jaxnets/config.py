@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jaxnets import ema as ema_lib
 from jaxnets.data import DIGITS, DataConfig, DataError, parse_classes
-from jaxnets.data.autoaugment import MAGNITUDE_BINS, POLICIES
-from jaxnets.data.config import TooFewExamples
+from jaxnets.data.autoaugment import CHANNELS, MAGNITUDE_BINS, POLICIES
+from jaxnets.data.config import POSITIVE_INT, Range, TooFewExamples, field_ranges
 from jaxnets.errors import UserError, is_int
 from jaxnets.eval_transform import resize_for_crop
 from jaxnets.models.googlenet import AUX_WEIGHT
@@ -82,13 +83,107 @@ DATA, OPTIMIZATION, TRANSFER, RUN = "model and data", "optimization", "transfer 
 AUGMENT = "augmentation and weight averaging"
 
 
+@dataclass(frozen=True)
+class Log:
+    """A setting's part of the run description (``recipe_parts``), shown when the setting is in use: ``text``
+    formatted with the value when the value is truthy (``"mixup alpha {:g}"``), or a function of the resolved
+    config giving the text or None. ``order``: where the part goes in the description."""
+
+    order: int
+    text: str | Callable[[TrainConfig], str | None]
+
+    def part(self, config: TrainConfig, value: Any) -> str | None:
+        if callable(self.text):
+            return self.text(config)
+        return self.text.format(value) if value else None
+
+
 def setting(default: Any = None, help: str | Callable[[], str] = "", *, group: str | None,
-            auto: ByDataset | ByOptimizer | None = None, **argparse: Any) -> Any:
-    """A ``TrainConfig`` field with what its command-line flag needs: the help text, the flag group
-    (``None``: no flag), the default resolved from the model or the data when the field is None (``auto``),
-    and argparse keywords the field's type does not imply (choices, nargs, a parser for the text)."""
+            auto: ByDataset | ByOptimizer | None = None, valid: Range | None = None, resume: bool = False,
+            data: bool = False, log: Log | None = None, **argparse: Any) -> Any:
+    """A ``TrainConfig`` field and everything else about it, declared once: the help text, the flag group
+    (``None``: no flag), the default resolved from the model or the data when the field is None (``auto``), the
+    range its values must lie in (``valid``; ``resolve`` checks it), whether a resumed run must have the value
+    its checkpoint was saved with (``resume``: anything that changes what a step means, the model, the data and
+    how it is batched and augmented, or the optimizer state's structure), whether it feeds ``DataConfig``'s field
+    of the same name (``data``: that field's declared range is the setting's; ``TrainConfig.data_config``), its
+    part of the run description (``log``), and argparse keywords the field's type does not imply (choices,
+    nargs, a parser for the text). What reads them: ``options`` and the functions after it."""
     return dataclasses.field(default=default, metadata={"help": help, "group": group, "auto": auto,
+                                                        "valid": valid, "resume": resume, "data": data, "log": log,
                                                         "argparse": argparse})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``TrainConfig`` field's declaration (``setting``), read back; ``valid`` is a ``data`` setting's
+    ``DataConfig`` field's."""
+
+    name: str
+    group: str | None
+    valid: Range | None
+    resume: bool
+    data: bool
+    log: Log | None
+
+    @property
+    def flag(self) -> str:
+        return flag_name(self.name)
+
+
+def flag_name(field_name: str) -> str:
+    """The flag of a ``TrainConfig`` field: ``--val-crop-size`` for ``val_crop_size``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def options(cls: type[TrainConfig] | None = None) -> tuple[Option, ...]:
+    """Each field's declaration, in field order (``cls``: ``TrainConfig`` or a subclass)."""
+    data_ranges = field_ranges(DataConfig)
+    declared = []
+    for field in dataclasses.fields(cls or TrainConfig):
+        meta = field.metadata
+        if meta["data"] and meta["valid"] is not None:
+            raise TypeError(f"TrainConfig.{field.name}: a data setting's range is DataConfig.{field.name}'s")
+        valid = data_ranges.get(field.name) if meta["data"] else meta["valid"]
+        declared.append(Option(field.name, meta["group"], valid, meta["resume"], meta["data"], meta["log"]))
+    return tuple(declared)
+
+
+def valid_ranges(cls: type[TrainConfig] | None = None) -> dict[str, Range]:
+    """Each setting that has a range, and the range (``resolve`` checks them)."""
+    return {o.name: o.valid for o in options(cls) if o.valid is not None}
+
+
+def resume_keys(cls: type[TrainConfig] | None = None) -> tuple[str, ...]:
+    """The settings a resumed run must share with its checkpoint (``checkpointing.RESUME_KEYS``)."""
+    return tuple(o.name for o in options(cls) if o.resume)
+
+
+def recipe_parts(config: TrainConfig) -> list[str]:
+    """The parts of the run description that name the modern-recipe settings a resolved run uses (none by
+    default), each as its setting's ``log`` says, in their ``order``."""
+    logged = sorted((o for o in options(type(config)) if o.log is not None), key=lambda o: o.log.order)
+    return [part for o in logged if (part := o.log.part(config, getattr(config, o.name)))]
+
+
+def _auto_augment_part(config: TrainConfig) -> str | None:
+    if not config.auto_augment:
+        return None
+    return f"auto-augment {config.auto_augment}" + (f" (magnitude {config.ra_magnitude})"
+                                                     if config.auto_augment == "ra" else "")
+
+
+def _eval_sizes_part(config: TrainConfig) -> str | None:
+    if config.val_crop_size == config.image_size:
+        return None
+    return f"eval resize {config.val_resize_size} crop {config.val_crop_size}"
+
+
+def _ema_part(config: TrainConfig) -> str | None:
+    if not config.model_ema:
+        return None
+    return (f"EMA every {config.model_ema_steps} updates, decay {ema_lib.decay_of(config):.6g} (adjusted from "
+            f"{config.model_ema_decay:g})")
 
 
 def _model_names() -> str:
@@ -97,113 +192,138 @@ def _model_names() -> str:
     return f"one of: {', '.join(list_models())}"
 
 
+# resume=True (checkpointing.RESUME_KEYS): a resumed run must have the value its checkpoint was saved with, because
+# another changes what a step means or the optimizer state's structure: the model and its input (--in-chans shapes
+# the stem and the data); the data, how it is batched (the step counts updates: --grad-accum-steps sets the images
+# per update) and labelled (--multi-label changes the labels and the loss); the augmentation, drawn per step and per
+# example from the seed (a run resumed with another would not continue the one it resumes); which parameters train
+# and how their updates are transformed; --model-ema, which adds the average to the state.
 @dataclass(frozen=True)
 class TrainConfig:
     """Every setting of ``train.py``, one flag each (``--batch-size`` for ``batch_size``); ``None`` means
-    "resolved from the model and the dataset" (``resolve``)."""
+    "resolved from the model and the dataset" (``resolve``). Each field is declared once, with all there is to
+    know about it (``setting``)."""
 
     # model and data
-    model: str = setting("resnet34", _model_names, group=DATA)
+    model: str = setting("resnet34", _model_names, group=DATA, resume=True)
     dataset: str = setting(DIGITS, "'digits' (embedded), a TFDS name (tf_flowers, imagenette, cifar10, "
                                    "imagenet2012, ...), or a folder of class subfolders (with train/ and val/ "
-                                   "when present)", group=DATA)
+                                   "when present)", group=DATA, resume=True, data=True)
     data_dir: str | None = setting(None, "TFDS data dir (imagenet2012: put the tars in DATA_DIR/downloads/manual)",
-                                   group=DATA)
+                                   group=DATA, data=True)
     image_size: int | None = setting(None, "training crop size, and the eval crop unless --val-crop-size (default "
-                                           "on digits: 16, VGG 32, AlexNet 64; else the weights' 224)", group=DATA)
-    val_crop_size: int | None = setting(None, "eval: center crop (default: --image-size)", group=DATA)
+                                           "on digits: 16, VGG 32, AlexNet 64; else the weights' 224)", group=DATA,
+                                     resume=True, data=True)
+    val_crop_size: int | None = setting(None, "eval: center crop (default: --image-size)", group=DATA, data=True,
+                                        log=Log(9, _eval_sizes_part))
     val_resize_size: int | None = setting(None, "eval: resize the shorter side to this before the crop (default: "
-                                                "the crop x 256/224)", group=DATA)
+                                                "the crop x 256/224)", group=DATA, data=True)
     classes: tuple[int, ...] | None = setting(None, "keep only these labels, remapped to 0..k-1: 0,1,2,3,4 or 5-9",
-                                              group=DATA, type=parse_classes)
-    val_fraction: float = setting(0.2, "held-out fraction of train when there is no validation split", group=DATA)
+                                              group=DATA, resume=True, data=True, type=parse_classes)
+    val_fraction: float = setting(0.2, "held-out fraction of train when there is no validation split", group=DATA,
+                                  resume=True, data=True)
     min_crop_scale: float | None = setting(None, "RandomResizedCrop minimal area", group=DATA,
-                                           auto=ByDataset(0.9, 0.08))
+                                           auto=ByDataset(0.9, 0.08), data=True)
     hflip: bool | None = setting(None, "random horizontal flips (digits are not mirror-symmetric)", group=DATA,
-                                 auto=ByDataset(False, True))
+                                 auto=ByDataset(False, True), data=True)
     dtype: str = setting("float32", "compute dtype (parameters and the loss stay float32)", group=DATA,
                          choices=DTYPES)
-    no_aux: bool = setting(False, "GoogLeNet without its auxiliary heads", group=DATA)
+    no_aux: bool = setting(False, "GoogLeNet without its auxiliary heads", group=DATA, resume=True)
     in_chans: int = setting(3, "input channels: 1 reads images as grayscale, 3 as RGB; a folder of .npy arrays "
                                "(H, W, C) gives C. A pretrained stem is adapted (timm's adapt_input_conv), and the "
-                               "normalization statistics with it", group=DATA)
+                               "normalization statistics with it", group=DATA, resume=True, data=True)
     remat: bool = setting(False, "rematerialize each block's activations in the backward pass (gradient "
                                  "checkpointing): less memory, a slower step", group=DATA)
     aux_weight: float = setting(AUX_WEIGHT, "GoogLeNet: loss = main + w * (aux1 + aux2), as in the paper",
-                                group=DATA)
+                                group=DATA, valid=Range(0))
     multi_label: bool = setting(False, "each image has any number of classes: a folder with labels.csv "
                                        "(file,label;label;...) or a TFDS dataset whose label is a sequence of classes; "
                                        "sigmoid binary cross-entropy, and mAP, F1 and exact match instead of top-k",
-                                group=DATA)
+                                group=DATA, resume=True, data=True,
+                                log=Log(2, "multi-label (sigmoid binary cross-entropy)"))
     # augmentation and averaging
     auto_augment: str | None = setting(None, "torchvision's automatic augmentation after the crop and flip: ra "
                                              "(RandAugment), ta_wide (TrivialAugmentWide), imagenet (AutoAugment's "
-                                             "ImageNet policy)", group=AUGMENT, choices=AUTO_AUGMENT)
-    ra_magnitude: int = setting(9, f"RandAugment's magnitude bin, 0-{MAGNITUDE_BINS - 1}", group=AUGMENT)
+                                             "ImageNet policy)", group=AUGMENT, resume=True, data=True,
+                                       log=Log(6, _auto_augment_part), choices=AUTO_AUGMENT)
+    ra_magnitude: int = setting(9, f"RandAugment's magnitude bin, 0-{MAGNITUDE_BINS - 1}", group=AUGMENT,
+                                resume=True, data=True)
     random_erase: float = setting(0.0, "probability of torchvision's RandomErasing (a box of 2-33 %% of the image, "
-                                       "aspect 0.3-3.3, set to 0 after normalization)", group=AUGMENT)
+                                       "aspect 0.3-3.3, set to 0 after normalization)", group=AUGMENT, resume=True,
+                                  data=True, log=Log(7, "random erasing p={:g}"))
     mixup_alpha: float = setting(0.0, "MixUp: each batch blended with itself rolled by one, lambda ~ Beta(a, a), "
-                                      "labels alike (torchvision's MixUp; 0: off)", group=AUGMENT)
+                                      "labels alike (torchvision's MixUp; 0: off)", group=AUGMENT, resume=True,
+                                 valid=Range(0), log=Log(4, "mixup alpha {:g}"))
     cutmix_alpha: float = setting(0.0, "CutMix: a box of the rolled batch pasted in (torchvision's CutMix; 0: off); "
-                                       "with --mixup-alpha, one of the two per batch", group=AUGMENT)
+                                       "with --mixup-alpha, one of the two per batch", group=AUGMENT, resume=True,
+                                  valid=Range(0), log=Log(5, "cutmix alpha {:g}"))
     model_ema: bool = setting(False, "an exponential moving average of the weights and BatchNorm statistics, "
                                      "evaluated each epoch beside them; the final weights are the average's",
-                              group=AUGMENT)
+                              group=AUGMENT, resume=True, log=Log(8, _ema_part))
     model_ema_decay: float = setting(0.99998, "EMA decay, adjusted as torchvision's reference: 1 - min(1, (1 - d) x "
-                                              "global batch x --model-ema-steps / epochs)", group=AUGMENT)
+                                              "global batch x --model-ema-steps / epochs)", group=AUGMENT,
+                                     valid=Range(0, 1, high_open=True))
     model_ema_steps: int = setting(32, "update the EMA every N optimizer updates of an epoch (a copy of the weights "
-                                       "during warmup)", group=AUGMENT)
+                                       "during warmup)", group=AUGMENT, valid=POSITIVE_INT)
     # optimization
-    epochs: int | None = setting(None, "", group=OPTIMIZATION, auto=ByDataset(10, 90))
+    epochs: int | None = setting(None, "", group=OPTIMIZATION, auto=ByDataset(10, 90), valid=POSITIVE_INT)
     steps: int | None = setting(None, "stop after this many steps in total (smoke runs); the schedule still "
-                                      "spans --epochs", group=OPTIMIZATION)
+                                      "spans --epochs", group=OPTIMIZATION, valid=POSITIVE_INT)
     batch_size: int | None = setting(None, "global batch over all devices and processes; left to its default, it "
                                            "shrinks to fit a smaller training set (logged)", group=OPTIMIZATION,
-                                     auto=ByDataset(32, 128))
-    eval_batch_size: int | None = setting(None, "global eval batch (default: --batch-size)", group=OPTIMIZATION)
-    optimizer: str = setting("sgd", "", group=OPTIMIZATION, choices=OPTIMIZERS)
+                                     auto=ByDataset(32, 128), valid=POSITIVE_INT, resume=True)
+    eval_batch_size: int | None = setting(None, "global eval batch (default: --batch-size)", group=OPTIMIZATION,
+                                          data=True)
+    optimizer: str = setting("sgd", "", group=OPTIMIZATION, choices=OPTIMIZERS, resume=True)
     lr: float | None = setting(None, f"learning rate per {LR_REFERENCE_BATCH} images, scaled by "
                                      f"batch/{LR_REFERENCE_BATCH}", group=OPTIMIZATION,
-                               auto=ByOptimizer(sgd=0.1, adamw=1e-3))
-    momentum: float = setting(0.9, "", group=OPTIMIZATION)
+                               auto=ByOptimizer(sgd=0.1, adamw=1e-3), valid=Range(0, low_open=True))
+    momentum: float = setting(0.9, "", group=OPTIMIZATION, valid=Range(0, 1, high_open=True))
     nesterov: bool = setting(False, "", group=OPTIMIZATION)
     weight_decay: float | None = setting(None, "not applied to biases and BatchNorm", group=OPTIMIZATION,
-                                         auto=ByOptimizer(sgd=ByDataset(5e-4, 1e-4), adamw=0.05))
+                                         auto=ByOptimizer(sgd=ByDataset(5e-4, 1e-4), adamw=0.05), valid=Range(0))
     schedule: str = setting("cosine", "", group=OPTIMIZATION, choices=SCHEDULES)
-    warmup_epochs: float | None = setting(None, "linear warmup", group=OPTIMIZATION, auto=ByDataset(1.0, 5.0))
+    warmup_epochs: float | None = setting(None, "linear warmup", group=OPTIMIZATION, auto=ByDataset(1.0, 5.0),
+                                          valid=Range(0))
     step_epochs: tuple[int, ...] = setting((30, 60, 80), "--schedule step: multiply the lr by --step-gamma at "
                                                          "these epochs", group=OPTIMIZATION)
-    step_gamma: float = setting(0.1, "", group=OPTIMIZATION)
-    label_smoothing: float = setting(0.0, "", group=OPTIMIZATION)
-    grad_clip: float | None = setting(None, "clip the global norm of the trainable gradients", group=OPTIMIZATION)
+    step_gamma: float = setting(0.1, "", group=OPTIMIZATION, valid=Range(0, 1, low_open=True))
+    label_smoothing: float = setting(0.0, "", group=OPTIMIZATION, valid=Range(0, 1, high_open=True),
+                                     log=Log(3, "label smoothing {:g}"))
+    grad_clip: float | None = setting(None, "clip the global norm of the trainable gradients", group=OPTIMIZATION,
+                                      valid=Range(0, low_open=True), resume=True)
     grad_accum_steps: int = setting(1, "gradient accumulation: each update averages the gradients of N batches of "
                                        "--batch-size (N x --batch-size images per update; the lr scales with it; "
-                                       "BatchNorm statistics stay per batch)", group=OPTIMIZATION)
-    seed: int = setting(0, "initialization, data order, augmentation", group=OPTIMIZATION)
+                                       "BatchNorm statistics stay per batch)", group=OPTIMIZATION,
+                                    valid=POSITIVE_INT, resume=True)
+    seed: int = setting(0, "initialization, data order, augmentation", group=OPTIMIZATION, resume=True, data=True)
     recipe: str | None = setting(None, "start from a recipe's settings (flags given override them): "
                                        "torchvision-v2 is torchvision's ResNet-50 IMAGENET1K_V2 recipe",
-                                 group=OPTIMIZATION, choices=tuple(RECIPES))
+                                 group=OPTIMIZATION, choices=tuple(RECIPES), log=Log(1, "recipe {}"))
     # transfer learning
     pretrained: str | None = setting(None, "start from torchvision's ImageNet weights (no value: IMAGENET1K_V1), "
                                            "torchvision's weights by name (IMAGENET1K_V2; DEFAULT is torchvision's "
                                            "alias for its best), or a jaxnets weights FILE (a file named like "
                                            "weights, in capitals: ./NAME); the classifier is re-initialized",
                                      group=TRANSFER, nargs="?", const=DEFAULT_WEIGHTS, metavar="NAME|FILE")
-    freeze: str = setting("none", "none | backbone | parameter path patterns: conv1,layer1", group=TRANSFER)
+    freeze: str = setting("none", "none | backbone | parameter path patterns: conv1,layer1", group=TRANSFER,
+                          resume=True)
     backbone_lr_mult: float = setting(1.0, "learning rate of the backbone relative to the head (discriminative "
-                                           "fine-tuning)", group=TRANSFER)
+                                           "fine-tuning)", group=TRANSFER, valid=Range(0, low_open=True), resume=True)
     layer_decay: float = setting(1.0, "layer-wise learning-rate decay: the backbone's last block learns at "
                                       "lr x D, the one before at lr x D^2, ... down to the stem (e.g. 0.8)",
-                                 group=TRANSFER)
+                                 group=TRANSFER, valid=Range(0, 1, low_open=True), resume=True)
     linear_probe: str | None = setting(None, "no training: fit a linear classifier on the frozen model's features",
                                        group=TRANSFER, choices=("svm", "logreg"))
     # run, devices and hosts
     workdir: str | None = setting(None, "checkpoints, logs, plots, final weights; the same workdir resumes "
                                         "(default runs/<model>-<dataset>)", group=RUN)
     devices: int | None = setting(None, "use the first N devices (default: all)", group=RUN)
-    log_every: int = setting(10, "steps between logged train metrics", group=RUN)
-    checkpoint_every: int = setting(0, "steps between checkpoints (0: at the end of each epoch only)", group=RUN)
-    keep_checkpoints: int = setting(3, "the last N are kept, plus the best validation top-1", group=RUN)
+    log_every: int = setting(10, "steps between logged train metrics", group=RUN, valid=POSITIVE_INT)
+    checkpoint_every: int = setting(0, "steps between checkpoints (0: at the end of each epoch only)", group=RUN,
+                                    valid=Range(0))
+    keep_checkpoints: int = setting(3, "the last N are kept, plus the best validation top-1", group=RUN,
+                                    valid=POSITIVE_INT)
     progress: bool = setting(True, "progress bars", group=RUN)
     compile_cache: str | None = setting(None, "persistent compilation cache dir ('' disables; default "
                                               "~/.cache/jaxnets/jax_compilation_cache)", group=RUN)
@@ -215,7 +335,8 @@ class TrainConfig:
                                               "its share of the host's GPUs by processes per host; else all) or "
                                               "indices 0,1,... (default: auto)", group=RUN,
                                         metavar="all|auto|0,1,...")
-    num_classes: int | None = setting(None, "set from the dataset", group=None)
+    # the model's output count, a setting of the run but no flag: the dataset gives it
+    num_classes: int | None = setting(None, "set from the dataset", group=None, resume=True)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -244,14 +365,11 @@ class TrainConfig:
         return get_spec(self.model)
 
     def data_config(self) -> DataConfig:
+        """What the input pipeline is asked for: each ``data`` setting as it is, the images of one optimizer
+        update (``update_batch_size``), and the model's normalization statistics for ``in_chans``."""
         transforms = self.spec.weights.transforms.for_channels(self.in_chans)
-        return DataConfig(
-            dataset=self.dataset, data_dir=self.data_dir, image_size=self.image_size, in_chans=self.in_chans,
-            mean=transforms.mean, std=transforms.std, batch_size=self.update_batch_size,
-            eval_batch_size=self.eval_batch_size, seed=self.seed, val_fraction=self.val_fraction,
-            classes=self.classes, min_crop_scale=self.min_crop_scale, hflip=self.hflip,
-            resize_size=self.val_resize_size, eval_crop_size=self.val_crop_size, auto_augment=self.auto_augment,
-            ra_magnitude=self.ra_magnitude, random_erase=self.random_erase, multi_label=self.multi_label)
+        fed = {o.name: getattr(self, o.name) for o in options(type(self)) if o.data}
+        return DataConfig(**fed, batch_size=self.update_batch_size, mean=transforms.mean, std=transforms.std)
 
     @property
     def update_batch_size(self) -> int | None:
@@ -352,7 +470,7 @@ def _check_recipe_settings(config: TrainConfig) -> None:
         _check_choice("--recipe", config.recipe, tuple(RECIPES))
     if config.auto_augment is not None:
         _check_choice("--auto-augment", config.auto_augment, AUTO_AUGMENT)
-        if config.in_chans not in (1, 3):
+        if config.in_chans not in CHANNELS:
             raise UserError(f"--auto-augment works on 1- or 3-channel images (torchvision's policies), not "
                             f"--in-chans {config.in_chans}")
     if config.multi_label:
@@ -389,46 +507,12 @@ def _default(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-# (flag, TrainConfig field, the range its values must lie in, as text and as a test). Numbers outside
-# them train without an error but not as asked: a negative --grad-clip flips the gradients.
-_RANGES: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
-    ("--batch-size", "batch_size", ">= 1", lambda v: v >= 1),
-    ("--in-chans", "in_chans", ">= 1", lambda v: v >= 1),
-    ("--eval-batch-size", "eval_batch_size", ">= 1", lambda v: v >= 1),
-    ("--epochs", "epochs", ">= 1", lambda v: v >= 1),
-    ("--steps", "steps", ">= 1", lambda v: v >= 1),
-    ("--log-every", "log_every", ">= 1", lambda v: v >= 1),
-    ("--keep-checkpoints", "keep_checkpoints", ">= 1", lambda v: v >= 1),
-    ("--checkpoint-every", "checkpoint_every", ">= 0", lambda v: v >= 0),
-    ("--lr", "lr", "> 0", lambda v: v > 0),
-    ("--momentum", "momentum", "in [0, 1)", lambda v: 0 <= v < 1),
-    ("--weight-decay", "weight_decay", ">= 0", lambda v: v >= 0),
-    ("--warmup-epochs", "warmup_epochs", ">= 0", lambda v: v >= 0),
-    ("--step-gamma", "step_gamma", "in (0, 1]", lambda v: 0 < v <= 1),
-    ("--label-smoothing", "label_smoothing", "in [0, 1)", lambda v: 0 <= v < 1),
-    ("--grad-clip", "grad_clip", "> 0", lambda v: v > 0),
-    ("--aux-weight", "aux_weight", ">= 0", lambda v: v >= 0),
-    ("--val-fraction", "val_fraction", "in (0, 1)", lambda v: 0 < v < 1),
-    ("--min-crop-scale", "min_crop_scale", "in (0, 1]", lambda v: 0 < v <= 1),
-    ("--backbone-lr-mult", "backbone_lr_mult", "> 0", lambda v: v > 0),
-    ("--layer-decay", "layer_decay", "in (0, 1]", lambda v: 0 < v <= 1),
-    ("--val-crop-size", "val_crop_size", ">= 1", lambda v: v >= 1),
-    ("--val-resize-size", "val_resize_size", ">= 1", lambda v: v >= 1),
-    ("--ra-magnitude", "ra_magnitude", f"in [0, {MAGNITUDE_BINS - 1}]", lambda v: 0 <= v < MAGNITUDE_BINS),
-    ("--random-erase", "random_erase", "in [0, 1]", lambda v: 0 <= v <= 1),
-    ("--mixup-alpha", "mixup_alpha", ">= 0", lambda v: v >= 0),
-    ("--cutmix-alpha", "cutmix_alpha", ">= 0", lambda v: v >= 0),
-    ("--model-ema-decay", "model_ema_decay", "in [0, 1)", lambda v: 0 <= v < 1),
-    ("--model-ema-steps", "model_ema_steps", ">= 1", lambda v: v >= 1),
-    ("--grad-accum-steps", "grad_accum_steps", ">= 1", lambda v: v >= 1),
-)
-
-
 def _check_ranges(config: TrainConfig) -> None:
-    for flag, field, expected, ok in _RANGES:
-        value = getattr(config, field)
-        if value is not None and not (math.isfinite(value) and ok(value)):
-            raise UserError(f"{flag} must be {expected}, got {value}")
+    """Each setting against its declared range (``setting(valid=...)``; a data setting's is ``DataConfig``'s)."""
+    for option in options(type(config)):
+        value = getattr(config, option.name)
+        if option.valid is not None and value is not None and value not in option.valid:
+            raise UserError(f"{option.flag} must be {option.valid}, got {value}")
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -11,12 +11,26 @@ resumed run continues it exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
 PyTree = Any
+
+
+class EmaSettings(Protocol):
+    """The settings of a run the average depends on (``jaxnets.config.TrainConfig`` has them)."""
+
+    model_ema: bool
+    model_ema_decay: float
+    model_ema_steps: int
+    epochs: int
+    warmup_epochs: float
+
+    @property
+    def update_batch_size(self) -> int:
+        """Images per optimizer update."""
 
 
 def adjusted_decay(decay: float, images_per_update: int, every: int, epochs: int) -> float:
@@ -36,6 +50,19 @@ class EmaSchedule:
     every: int
     steps_per_epoch: int
     warmup_epochs: float
+
+
+def schedule_of(config: EmaSettings, steps_per_epoch: int) -> EmaSchedule | None:
+    """``--model-ema``'s schedule (None without it): torchvision's decay adjusted to the images per update, the
+    update interval and the run's epochs."""
+    if not config.model_ema:
+        return None
+    return EmaSchedule(decay_of(config), config.model_ema_steps, steps_per_epoch, config.warmup_epochs)
+
+
+def decay_of(config: EmaSettings) -> float:
+    """``--model-ema-decay`` adjusted as torchvision's reference does (``adjusted_decay``)."""
+    return adjusted_decay(config.model_ema_decay, config.update_batch_size, config.model_ema_steps, config.epochs)
 
 
 def init(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:

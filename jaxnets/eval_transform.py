@@ -5,6 +5,12 @@ registry gives each set of torchvision weights its transform; ``train.py`` recor
 model was validated at in its weights file, and ``predict``, evaluation and the input pipeline read them
 back through ``EvalTransform.from_record``. The ``resize = crop * 256 / 224`` rule lives here only, and so does
 the rule that extends RGB normalization statistics to other channel counts (``extend_to_channels``).
+
+The eval sizes have one spelling per owner. A run's settings spell them as its flags do, ``--val-resize-size`` and
+``--val-crop-size``: ``val_resize_size`` and ``val_crop_size`` in ``TrainConfig``, its ``config.json`` and
+``DataConfig`` (None there: this module's rule, through ``DataConfig.eval_transform``). A transform's own sizes
+are ``EvalTransform.resize_size`` and ``crop_size``, as torchvision's ``ImageClassification`` names them, and so
+are the keys of the record a weights file keeps (``to_record``).
 """
 
 from __future__ import annotations

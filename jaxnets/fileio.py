@@ -10,7 +10,6 @@ path and the cause in one line.
 from __future__ import annotations
 
 import contextlib
-import errno as errnos
 import os
 import re
 import tempfile
@@ -34,38 +33,39 @@ def describe_os_error(error: OSError) -> str:
     return os.strerror(error.errno).lower() if error.errno else (str(error) or type(error).__name__)
 
 
-# How TensorStore (orbax's array storage) reports the system's error: in its message, not as an OSError.
-_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
-_SYSTEM_WORDS = {errnos.ENOSPC: "No space left on device", errnos.EDQUOT: "Disk quota exceeded",
-                 errnos.EACCES: "Permission denied", errnos.EPERM: "Operation not permitted",
-                 errnos.EROFS: "Read-only file system", errnos.ENOENT: "No such file or directory",
-                 errnos.EIO: "Input/output error"}
+# How libraries quote the system's error code in their messages, not as an ``OSError``: TensorStore (orbax's array
+# storage) as ``[os_error_code=28]``, safetensors (Rust's io::Error) as ``(os error 28)`` or ``Os { code: 28, ...``.
+# A code, never words: a message that merely mentions "Permission denied" is no evidence of a storage failure.
+_QUOTED_OS_ERROR = re.compile(r"os_error_code='?(\d+)|\(os error (\d+)\)|\bOs \{ code: (\d+)")
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and its explicit causes (``raise ... from``), outermost first. Never the implicit ``__context__``:
+    an exception raised while another was being handled is not caused by it (a bug in an ``except`` block is a bug)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__
 
 
 def storage_errno(error: BaseException) -> int | None:
-    """The system error code of a storage failure anywhere in ``error``'s chain (an ``OSError``, or a
-    TensorStore error that quotes one), None when it is no storage failure (then it is a bug to show)."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, StorageError) and error.errno:
-            return error.errno
-        if isinstance(error, OSError) and error.errno:
-            return error.errno
-        text = str(error)
-        if match := _TENSORSTORE_OS_ERROR.search(text):
-            return int(match.group(1))
-        for code, words in _SYSTEM_WORDS.items():
-            if words in text:
-                return code
-        error = error.__cause__ or error.__context__
+    """The system error code of a storage failure: an ``OSError`` with an errno, or a library's error that quotes
+    one (TensorStore's, safetensors'), as ``error`` or one of its explicit causes. None otherwise: then it is no
+    storage failure, and (in jaxnets) a bug to show with its traceback."""
+    for link in causes(error):
+        if isinstance(link, StorageError | OSError) and link.errno:
+            return link.errno
+        if match := _QUOTED_OS_ERROR.search(str(link)):
+            return int(next(group for group in match.groups() if group))
     return None
 
 
 @contextlib.contextmanager
 def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
-    """A storage failure of the block (an ``OSError``, or a library's error quoting the system's, as
-    safetensors' and TensorStore's do) as a ``StorageError`` naming ``path`` (and ``what`` it is)."""
+    """A storage failure of the block (``storage_errno``) as a ``StorageError`` naming ``path`` (and ``what`` it
+    is); any other exception passes unchanged, with its traceback."""
     try:
         yield
     except StorageError:

@@ -138,13 +138,14 @@ _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
-def xla_cpu_options() -> dict[str, Any]:
-    """``compiler_options`` for ``jax.jit`` of a model step: the options above where ``jaxnets.kernels``
-    chooses Eigen convolutions (``eigen_conv``), on a CPU backend whose XLA accepts them; else ``{}`` (GPUs,
-    other XLA versions, CPUs where YNNPACK's convolutions are chosen)."""
+def xla_cpu_options(choice: kernels.KernelChoice | None = None) -> dict[str, Any]:
+    """``compiler_options`` for ``jax.jit`` of a model step: the options above where the kernel choice (``choice``,
+    default ``kernels.current()``: call it where the step is built, as ``kernels.bind``) has Eigen convolutions
+    (``eigen_conv``), on a CPU backend whose XLA accepts them; else ``{}`` (GPUs, other XLA versions, CPUs where
+    YNNPACK's convolutions are chosen)."""
     import jax
 
-    if jax.default_backend() != "cpu" or not kernels.uses("eigen_conv"):
+    if jax.default_backend() != "cpu" or not (choice or kernels.current()).uses("eigen_conv"):
         return {}
     return dict(_CPU_COMPILER_OPTIONS) if _cpu_options_accepted() else {}
 
@@ -160,3 +161,25 @@ def _cpu_options_accepted() -> bool:
     except Exception:  # an XLA without these options: its defaults are what there is
         return False
     return True
+
+
+def setup_compilation_cache(directory: str | None) -> None:
+    """Persistent XLA compilation cache, so that a second run (or a resumed one) does not recompile.
+
+    ``None`` is the default directory, ``''`` switches the cache off. The setting is the process's: JAX opens
+    its cache once, so a change of directory also resets it (else a second run in one process, or one that
+    asked for no cache, would go on writing to the first run's directory)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if directory is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        directory = os.path.join(base, "jaxnets", "jax_compilation_cache")
+    directory = directory or None
+    if jax.config.jax_compilation_cache_dir == directory:
+        return
+    compilation_cache.set_cache_dir(directory)
+    if directory:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()

@@ -3,14 +3,14 @@
 Five parts of jaxnets exist twice, computing the same numbers: XLA's own formulation, and one tuned by
 measurement on XLA:CPU, where XLA's lowering was slow.
 
-- ``matmul_1x1``: 1x1 convolutions as (pixels x channels) matrix products (``layers.pointwise_conv``)
+- ``matmul_1x1``: 1x1 convolutions as (pixels x channels) matrix products (``tuned_kernels.pointwise_conv``)
   instead of ``lax.conv_general_dilated``;
-- ``maxpool_jvp``: max pooling as a row pass then a column pass with its own JVP (``layers.max_pool``)
+- ``maxpool_jvp``: max pooling as a row pass then a column pass with its own JVP (``tuned_kernels.separable_max_pool``)
   instead of one 2-D ``reduce_window`` and XLA's select-and-scatter gradient;
-- ``batchnorm_vjp``: training-mode BatchNorm with a hand-written gradient (``layers.TorchBatchNorm``)
+- ``batchnorm_vjp``: training-mode BatchNorm with a hand-written gradient (``tuned_kernels.batch_norm_train``)
   instead of the differentiated formula;
 - ``small_map_matmul``: convolutions whose output map is at most 2x2 pixels as one matrix product of their
-  patches (``layers.small_map_conv``) instead of ``lax.conv_general_dilated``;
+  patches (``tuned_kernels.small_map_conv``) instead of ``lax.conv_general_dilated``;
 - ``eigen_conv``: XLA:CPU's own (Eigen) convolutions instead of YNNPACK's, a compile option
   (``host.xla_cpu_options``).
 
@@ -18,19 +18,28 @@ Each was measured faster on CPUs only, so GPUs and TPUs run XLA's formulation un
 says otherwise. On CPUs the choice depends on the vector extensions XLA may use (``cpu_class``): the
 table ``CPU_CHOICES`` records what ``jaxnets-benchmark --suite kernels`` measured on each class.
 
-``JAXNETS_KERNELS`` overrides the choice for the process: ``xla`` (XLA's formulations everywhere),
-``tuned`` (every tuned variant), ``auto`` (the default), or a comma-separated list of the variant names
-above (exactly those tuned). The choice is read when a model is traced: set it before the first step.
+The choice is explicit: ``with kernels.using("xla"): ...`` sets it for the code inside (a ``contextvars``
+context, so threads and asyncio tasks each keep their own), ``kernels.current()`` is the innermost one. A
+setting is ``xla`` (XLA's formulations everywhere), ``tuned`` (every tuned variant), ``auto`` (by backend and
+CPU, as above) or a set of the variant names above (exactly those tuned). ``JAXNETS_KERNELS`` (same settings,
+the list comma-separated) only sets the process default, used outside any ``using``.
+
+The layers read the choice while they are traced, and ``jax.jit`` does not key its cache on it: a step or a
+forward function is built with ``bind``, which captures the choice current when it is built and applies it
+whenever the function is traced, whatever the context at call time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 from jaxnets.errors import UserError
 
@@ -78,28 +87,41 @@ class KernelChoice:
         parts = [DESCRIPTIONS[v][0 if v in self.tuned else 1] for v in VARIANTS]
         return f"{', '.join(parts)} ({self.reason})"
 
+    def setting(self) -> str:
+        """The explicit setting that gives this choice anywhere ('xla' or the tuned names, comma-separated): how a
+        child process (``--kernels``) runs what this one chose."""
+        return ",".join(v for v in VARIANTS if v in self.tuned) or "xla"
 
-def parse_setting(text: str) -> str | frozenset[str]:
-    """``JAXNETS_KERNELS``: 'auto', 'xla', 'tuned', or a comma-separated list of variant names."""
+
+Setting = str | Collection[str]  # 'auto', 'xla', 'tuned', or variant names (comma-separated in text)
+F = TypeVar("F", bound=Callable[..., Any])
+# The choice set by the innermost ``using`` (None: the process default).
+_CHOICE: contextvars.ContextVar[KernelChoice | None] = contextvars.ContextVar("jaxnets_kernels", default=None)
+
+
+def parse_setting(text: str, source: str = ENV_VARIABLE) -> str | frozenset[str]:
+    """'auto', 'xla', 'tuned', or a comma-separated list of variant names; ``source`` (the variable, a command-line
+    option) names the setting in the error."""
     text = text.strip()
     if text in ("auto", "xla", "tuned"):
         return text
     names = frozenset(name.strip() for name in text.split(",") if name.strip())
     unknown = sorted(names - set(VARIANTS))
     if unknown or not names:
-        raise UserError(f"{ENV_VARIABLE}={text!r}: expected auto, xla, tuned or a comma-separated list of "
+        raise UserError(f"{source}={text!r}: expected auto, xla, tuned or a comma-separated list of "
                         f"{', '.join(VARIANTS)}")
     return names
 
 
-def choose(setting: str | frozenset[str], backend: str, cpu: str) -> KernelChoice:
-    """The variants for ``backend`` ('cpu', 'gpu', 'tpu', ...) and CPU class ``cpu`` under ``setting``."""
+def choose(setting: str | frozenset[str], backend: str, cpu: str, source: str = ENV_VARIABLE) -> KernelChoice:
+    """The variants for ``backend`` ('cpu', 'gpu', 'tpu', ...) and CPU class ``cpu`` under ``setting``;
+    ``source`` is where an explicit setting came from, for the reason."""
     if isinstance(setting, frozenset):
-        return KernelChoice(setting, f"{ENV_VARIABLE}={','.join(v for v in VARIANTS if v in setting)}")
+        return KernelChoice(setting, f"{source}={','.join(v for v in VARIANTS if v in setting)}")
     if setting == "xla":
-        return KernelChoice(frozenset(), f"{ENV_VARIABLE}=xla")
+        return KernelChoice(frozenset(), f"{source}=xla")
     if setting == "tuned":
-        return KernelChoice(frozenset(VARIANTS), f"{ENV_VARIABLE}=tuned")
+        return KernelChoice(frozenset(VARIANTS), f"{source}=tuned")
     if backend != "cpu":
         return KernelChoice(frozenset(), f"{backend} backend: XLA's own")
     measured = cpu in CPU_CHOICES
@@ -107,18 +129,58 @@ def choose(setting: str | frozenset[str], backend: str, cpu: str) -> KernelChoic
                         f"{cpu} CPU" + ("" if measured else ", not measured: XLA's own"))
 
 
-def current() -> KernelChoice:
-    """The choice for this process now: ``JAXNETS_KERNELS``, the default JAX backend, this CPU."""
-    setting = parse_setting(os.environ.get(ENV_VARIABLE, "auto"))
-    if isinstance(setting, str) and setting == "auto":
+def resolve(setting: Setting | KernelChoice, source: str = "kernels.using") -> KernelChoice:
+    """The choice a setting means here and now (``auto``: for the default JAX backend and this CPU)."""
+    if isinstance(setting, KernelChoice):
+        return setting
+    parsed = parse_setting(setting if isinstance(setting, str) else ",".join(setting), source)
+    if parsed == "auto":
         import jax
 
-        return choose(setting, jax.default_backend(), cpu_class())
-    return choose(setting, "", "")
+        return choose(parsed, jax.default_backend(), cpu_class(), source)
+    return choose(parsed, "", "", source)
+
+
+def default() -> KernelChoice:
+    """The process default: ``JAXNETS_KERNELS`` (read each time), else ``auto``."""
+    return resolve(os.environ.get(ENV_VARIABLE, "auto"), ENV_VARIABLE)
+
+
+def current() -> KernelChoice:
+    """The choice now: the innermost ``using``, else the process default."""
+    choice = _CHOICE.get()
+    return choice if choice is not None else default()
+
+
+@contextlib.contextmanager
+def using(setting: Setting | KernelChoice, source: str = "kernels.using") -> Iterator[KernelChoice]:
+    """Run the body under ``setting`` ('xla', 'tuned', 'auto', variant names, or a ``KernelChoice``), resolved on
+    entry; yields the choice. ``source`` names the setting in reports and errors (e.g. ``--kernels``)."""
+    choice = resolve(setting, source)
+    token = _CHOICE.set(choice)
+    try:
+        yield choice
+    finally:
+        _CHOICE.reset(token)
+
+
+def bind(fn: F, choice: Setting | KernelChoice | None = None) -> F:
+    """``fn`` running under ``choice`` (default: the choice current now, when the step is built) every time it runs,
+    so that ``jax.jit(bind(step))`` traces ``step`` under the choice of its builder, whatever the context at call
+    time. The choice is the wrapper's ``kernel_choice`` attribute (reports, compile options)."""
+    bound = current() if choice is None else resolve(choice)
+
+    @functools.wraps(fn)
+    def under_choice(*args: Any, **kwargs: Any) -> Any:
+        with using(bound):
+            return fn(*args, **kwargs)
+
+    under_choice.kernel_choice = bound  # type: ignore[attr-defined]
+    return under_choice  # type: ignore[return-value]
 
 
 def uses(variant: str) -> bool:
-    """Whether the tuned ``variant`` runs now (read at trace time by ``jaxnets.layers``)."""
+    """Whether the tuned ``variant`` runs now (read at trace time by the layers)."""
     return current().uses(variant)
 
 

@@ -17,11 +17,9 @@ batches (the last one padded), so the forward pass is compiled once.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +28,22 @@ import numpy as np
 from flax import linen as nn
 from PIL import Image
 
-from jaxnets import errors, host
+from jaxnets import errors, evaluation
 from jaxnets.data.arrays import is_array_file, load_array
-from jaxnets.data.pil_eval import READ_ERRORS, center_crop, preprocess, read_image
+from jaxnets.data.pil_eval import center_crop, preprocess, read_image
 from jaxnets.errors import UserError
 from jaxnets.eval_transform import EvalTransform
-from jaxnets.multilabel import THRESHOLD
 from jaxnets.registry import ModelRef, get_spec, imagenet_categories, is_weights_name
-from jaxnets.weights import WeightsFile, instantiate, load_weights, open_pretrained, torchvision_weights_of
+from jaxnets.weights import WeightsFile, load_weights, open_pretrained, torchvision_weights_of
 
 __all__ = ["above_threshold", "batch_logits", "category_names", "center_crop", "classify", "eval_transform",
-           "is_multi_label", "load_input", "main", "make_forward", "open_weights", "preprocess", "read_image",
+           "is_multi_label", "load_input", "make_forward", "open_weights", "preprocess", "read_image",
            "sigmoid", "softmax", "top_k"]
 
 def make_forward(model: nn.Module) -> Callable[[Any, np.ndarray], jax.Array]:
-    """The jitted eval-mode forward pass: logits for a batch (compiled once per batch shape)."""
-    return jax.jit(partial(model.apply, train=False), compiler_options=host.xla_cpu_options())
+    """The jitted eval-mode forward pass: float32 logits for a batch (compiled once per batch shape), under the
+    kernel choice current now (``jaxnets.evaluation.make_forward``)."""
+    return evaluation.make_forward(model.apply)
 
 
 def load_input(path: str | Path, transform: EvalTransform) -> np.ndarray:
@@ -78,8 +76,7 @@ def batch_logits(forward: Callable, variables: Any, images: np.ndarray, batch_si
     count = len(images)
     if count > batch_size:
         raise UserError(f"{count} images exceed the batch size {batch_size}")
-    padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
-    padded[:count] = images
+    padded = evaluation.pad_rows(np.asarray(images, np.float32), batch_size)
     return np.asarray(forward(variables, padded), np.float32)[:count]
 
 
@@ -101,7 +98,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def top_k(logits: np.ndarray, k: int, categories: Sequence[str]) -> list[list[tuple[str, float]]]:
     """The ``k`` most probable categories of each row, with their probabilities."""
     probs = softmax(logits)
-    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    order = evaluation.top_k_indices(probs, k)
     return [[(categories[i], float(row[i])) for i in indices] for row, indices in zip(probs, order, strict=True)]
 
 
@@ -113,7 +110,7 @@ def above_threshold(logits: np.ndarray, threshold: float, categories: Sequence[s
     """A multi-label model's answer: every category whose sigmoid probability reaches ``threshold``, most
     probable first (none may)."""
     probs = sigmoid(logits)
-    order = np.argsort(-probs, axis=-1, kind="stable")
+    order = evaluation.top_k_indices(probs, probs.shape[-1])
     return [[(categories[i], float(row[i])) for i in indices if row[i] >= threshold]
             for row, indices in zip(probs, order, strict=True)]
 
@@ -171,70 +168,8 @@ def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[start:start + size]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=errors.command("predict"),
-                                     description="Top-K ImageNet (or fine-tuned) classes of each image.")
-    parser.add_argument("--model", help="model name, e.g. resnet50 (see jaxnets.list_models()); default: the one "
-                                        "the --weights file records (needed for torchvision's weights)")
-    parser.add_argument("--weights", help="jaxnets weights file, or torchvision's weights by name (IMAGENET1K_V2; "
-                                          "default: IMAGENET1K_V1), converted into the cache on first use")
-    parser.add_argument("--top", type=int, default=5, metavar="K", help="classes to show per image (default 5)")
-    parser.add_argument("--threshold", type=float, default=THRESHOLD, metavar="P",
-                        help=f"multi-label weights (train.py --multi-label): show every class whose sigmoid "
-                             f"probability reaches P, instead of the top K (default {THRESHOLD})")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files")
-    return parser
+if __name__ == "__main__":  # the command's home is jaxnets.cli.predict
+    from jaxnets.cli import predict as cli
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.top < 1 or args.batch_size < 1:
-        parser.error("--top and --batch-size must be at least 1")
-    if not 0 <= args.threshold <= 1:
-        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
-    try:
-        weights_file = open_weights(args.model, args.weights)
-        model, variables = instantiate(weights_file)
-        if getattr(model, "features_only", False):
-            raise UserError(f"{weights_file.path}: {weights_file.name} backbone weights (features_only): no classifier "
-                            f"to classify with")
-        transform = eval_transform(weights_file.name, weights_file)
-    except (OSError, UserError) as exc:  # anything else is a bug in jaxnets: its traceback shows
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    categories = category_names(weights_file)
-    multi_label = is_multi_label(weights_file)
-    forward = make_forward(model)
-    variables = jax.device_put(variables)
-    batch_size = min(args.batch_size, len(args.images))
-    failed = 0
-    for paths in chunks(args.images, batch_size):
-        readable, arrays = [], []
-        for path in paths:
-            try:
-                arrays.append(load_input(path, transform))
-                readable.append(path)
-            except READ_ERRORS as exc:
-                print(f"error: {path}: cannot read image ({exc})", file=sys.stderr)
-                failed += 1
-        if not arrays:
-            continue
-        logits = batch_logits(forward, variables, np.stack(arrays), batch_size)
-        answers = (above_threshold(logits, args.threshold, categories) if multi_label
-                   else top_k(logits, args.top, categories))
-        for path, best in zip(readable, answers, strict=True):
-            print(path)
-            for category, probability in best:
-                print(f"  {probability:7.4f}  {category}")
-            if not best:
-                print(f"  (no class at probability {args.threshold:g} or more)")
-    if failed:
-        print(f"error: {failed} of {len(args.images)} image(s) could not be read", file=sys.stderr)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
     with errors.invoked_as("predict", "python -m jaxnets.predict"):
-        sys.exit(main())
+        sys.exit(cli.main())

@@ -1,7 +1,8 @@
 """Linear probe: a frozen backbone's pooled pre-logit features + a scikit-learn linear classifier.
 
 The original AlexNet + SVM transfer recipe: features are extracted once (jitted, batched, data-parallel
-over a mesh), standardized, and fed to ``LinearSVC`` or ``LogisticRegression``.
+over a mesh: ``jaxnets.evaluation``), standardized, and fed to ``LinearSVC`` or ``LogisticRegression``.
+``run_linear_probe`` is ``train.py --linear-probe``: the same on a run's data, with its results in the workdir.
 """
 
 from __future__ import annotations
@@ -18,14 +19,19 @@ import jax.numpy as jnp
 import joblib
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from jaxnets import host
+from jaxnets import evaluation, kernels, locks, parallel
+from jaxnets.checkpointing import Checkpointer
+from jaxnets.config import TrainConfig
 from jaxnets.errors import UserError
+from jaxnets.run_io import METRICS_FILE as RUN_METRICS_FILE
+from jaxnets.run_io import RunLog
+from jaxnets.run_setup import build_model, setup, start
 
 PROBES = ("svm", "logreg")
 FEATURES_FILE = "probe_features.npz"
@@ -38,13 +44,13 @@ def extract_features(model: nn.Module, variables: Any, batches: Iterable[tuple[n
     """Pooled pre-logit features (float32) and labels of every example in ``batches``.
 
     Every batch is padded to one fixed size (a multiple of the mesh size), so the forward pass compiles
-    once; the padding rows are dropped again. With a ``mesh`` the batch is split over all its devices
-    and the variables are replicated (single-process meshes).
+    once; the padding rows are dropped again (``jaxnets.evaluation``). With a ``mesh`` the batch is split over
+    all its devices and the variables are replicated (single-process meshes).
     """
     devices = mesh.devices.size if mesh is not None else 1
-    batch_sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names)) if mesh is not None else None
+    forward = _pre_logits(model, mesh, kernels.current())
     # Placed once: numpy variables would otherwise be copied to the device on every batch.
-    variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()) if mesh is not None else None)
+    variables = jax.device_put(variables, parallel.replicated(mesh) if mesh is not None else None)
 
     outputs, labels = [], []
     padded_size = 0
@@ -52,11 +58,8 @@ def extract_features(model: nn.Module, variables: Any, batches: Iterable[tuple[n
         images, batch_labels = _unpack(batch, index)
         n = images.shape[0]
         padded_size = max(padded_size, math.ceil(n / devices) * devices)
-        images = np.pad(images, [(0, padded_size - n)] + [(0, 0)] * (images.ndim - 1))
-        if batch_sharding is not None:
-            images = jax.device_put(images, batch_sharding)
         # Dispatched asynchronously: the next batch is prepared while this one runs.
-        outputs.append((_pre_logits(model)(variables, images), n))
+        outputs.append((forward(variables, evaluation.pad_rows(images, padded_size)), n))
         labels.append(batch_labels)
     if not outputs:
         raise UserError("extract_features: no batches")
@@ -64,11 +67,12 @@ def extract_features(model: nn.Module, variables: Any, batches: Iterable[tuple[n
 
 
 @functools.cache
-def _pre_logits(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
-    """The jitted feature extractor of ``model``: compiled once per model and batch shape."""
-    def features(variables: Any, images: jax.Array) -> jax.Array:
-        return model.apply(variables, images, train=False, pre_logits=True).astype(jnp.float32)
-    return jax.jit(features, compiler_options=host.xla_cpu_options())
+def _pre_logits(model: nn.Module, mesh: Mesh | None,
+                choice: kernels.KernelChoice) -> Callable[[Any, np.ndarray], jax.Array]:
+    """The jitted feature extractor of ``model`` under the kernel ``choice``: compiled once per model, mesh, choice
+    and batch shape."""
+    with kernels.using(choice):
+        return evaluation.make_forward(model.apply, mesh, pre_logits=True)
 
 
 def linear_probe(model: nn.Module, variables: Any, train_batches: Iterable, val_batches: Iterable, *,
@@ -115,9 +119,8 @@ def topk_accuracy(classifier: Pipeline, features: np.ndarray, labels: np.ndarray
     """Fraction of examples whose label is among the ``k`` highest decision scores."""
     if k == 1:
         return float(np.mean(classifier.predict(features) == labels))
-    scores = classifier.decision_function(features)
-    top = classifier.classes_[np.argsort(-scores, axis=1)[:, :k]]
-    return float(np.mean(np.any(top == labels[:, None], axis=1)))
+    top = classifier.classes_[evaluation.top_k_indices(classifier.decision_function(features), k)]
+    return float(np.mean(evaluation.in_top(top, labels)))
 
 
 def _unpack(batch: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,3 +137,32 @@ def _unpack(batch: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"batch {index}: expected NHWC images and one label per image, "
                         f"got images {images.shape} and {len(labels)} labels")
     return images, np.asarray(labels)
+
+
+def run_linear_probe(config: TrainConfig) -> dict[str, float]:
+    """``--linear-probe svm|logreg``: fit a linear classifier on the frozen model's pre-logit features of
+    the (eval-transformed) training set and score it on the validation set; results in the workdir."""
+    config = start(config)
+    with locks.hold(Path(config.workdir).absolute(), enabled=parallel.is_main_process()):
+        return _run_linear_probe(config)
+
+
+def _run_linear_probe(config: TrainConfig) -> dict[str, float]:
+    config, mesh, dataset = setup(config)
+    if jax.process_count() > 1:
+        raise UserError("--linear-probe runs in a single process")
+    workdir = Path(config.workdir).absolute()
+    if Checkpointer(workdir / "checkpoints").latest_step() is not None or (workdir / RUN_METRICS_FILE).exists():
+        raise UserError(f"--workdir {config.workdir} holds a training run; a linear probe would overwrite its logs, "
+                        f"use another --workdir")
+    run = RunLog(workdir)
+    run.print(f"run directory: {workdir}")
+    run.write_config(config.to_json())
+    model, variables, note = build_model(config, dataset.num_classes, mesh)
+    if note:
+        run.print(note)
+    metrics = linear_probe(model, variables, dataset.iterate("train"), dataset.iterate("val"),
+                           kind=config.linear_probe, out_dir=workdir, seed=config.seed, mesh=mesh)
+    run.print(f"linear probe ({config.linear_probe}) on {config.model} features: "
+              + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return metrics

@@ -6,7 +6,6 @@ Only the main process writes or prints (``enabled=False`` elsewhere); every othe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxnets.errors import is_int
 from jaxnets.fileio import atomic_path, write_text, writing
 
 CONFIG_FILE = "config.json"
@@ -37,8 +37,11 @@ class RunLog:
         with writing(self.run_dir, "the run directory"):
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
-        kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= resume_step]
-        write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        # Records past the resumed step go; a line that is no record stays as it was (read_metrics reports it).
+        kept = [line for line, record in _metrics_lines(self.metrics_path)
+                if record is None or record["step"] <= resume_step]
+        with atomic_path(self.metrics_path) as tmp:
+            tmp.write_bytes(b"".join(line + b"\n" for line in kept))
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -107,7 +110,8 @@ def epoch_summary(epoch: int, epochs: int, step: int, train: dict[str, float], v
     return "  ".join(parts)
 
 
-# What an evaluation reports, in order: single-label top-k, or multi-label (jaxnets.multilabel) scores.
+# What an evaluation reports, in order: single-label top-k, or multi-label scores
+# (jaxnets.evaluation.multi_label_metrics).
 SCORES = (("top1", "top1"), ("top5", "top5"), ("map", "mAP"), ("f1", "F1"), ("exact_match", "exact"))
 
 
@@ -115,9 +119,15 @@ def _scores(metrics: dict[str, float]) -> str:
     return " ".join(f"{name} {100 * metrics[key]:.2f}%" for key, name in SCORES if key in metrics)
 
 
+def headline_score(metrics: dict[str, float]) -> tuple[str, float]:
+    """The score a run is judged by, with its name: ``("top1", x)``, or (multi-label) ``("map", x)``."""
+    name = "top1" if "top1" in metrics else "map"
+    return name, float(metrics[name])
+
+
 def headline_metric(metrics: dict[str, float]) -> float:
-    """The number a run is judged by: validation top-1, or (multi-label) mAP; what picks the best checkpoint."""
-    return metrics["top1"] if "top1" in metrics else metrics["map"]
+    """The number a run is judged by (``headline_score``): what picks the best checkpoint."""
+    return headline_score(metrics)[1]
 
 
 def headline(metrics: dict[str, float], *, full: bool = True) -> str:
@@ -128,17 +138,38 @@ def headline(metrics: dict[str, float], *, full: bool = True) -> str:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``. A record cut short (the run was killed, or the disk filled, while
-    appending it) is left out: it is past the last checkpoint, so the resumed run logs that step again."""
+    """The records of ``metrics.jsonl``. A line that is no record (one cut short when the run was killed, or the
+    disk filled, while appending it; or one edited by hand) is left out of the list, never out of the file: it
+    is reported once, on stderr, as ``path:line``."""
+    return [record for _, record in _metrics_lines(path) if record is not None]
+
+
+_reported: set[tuple[str, int, bytes]] = set()  # the bad lines already reported by this process
+
+
+def _metrics_lines(path: str | Path) -> list[tuple[bytes, dict[str, Any] | None]]:
+    """Each non-blank line of ``metrics.jsonl`` as it is on disk, with its record (None for a line that is no
+    record, reported once)."""
     path = Path(path)
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            if line.strip():
-                records.append(json.loads(line))
-    return records
+    lines = []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if not (isinstance(record, dict) and is_int(record.get("step")) and isinstance(record.get("split"), str)):
+            record = None
+            if (str(path), number, line) not in _reported:
+                _reported.add((str(path), number, line))
+                shown = line[:80].decode("utf-8", errors="replace") + ("..." if len(line) > 80 else "")
+                print(f"warning: {path}:{number}: not a metrics record, skipped (kept in the file): {shown}",
+                      file=sys.stderr, flush=True)
+        lines.append((line, record))
+    return lines
 
 
 def plot_curves(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:

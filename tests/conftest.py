@@ -10,7 +10,7 @@ import pytest
 import torch  # noqa: F401
 import torchvision  # noqa: F401
 
-from jaxnets import training  # imports TensorFlow only when data is loaded
+from jaxnets import host
 
 
 @pytest.fixture(autouse=True)
@@ -20,4 +20,4 @@ def _compilation_cache_left_as_found():
     before = jax.config.jax_compilation_cache_dir
     yield
     if jax.config.jax_compilation_cache_dir != before:
-        training.setup_compilation_cache(before or "")
+        host.setup_compilation_cache(before or "")

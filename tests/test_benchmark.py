@@ -106,7 +106,7 @@ def test_input_pipeline_is_train_py_s_and_delivers_batches(tmp_path):
 def test_cli_writes_report_and_json(tmp_path, monkeypatch):
     # The CLI configures process-wide JAX state: keep it out of the other tests in this process.
     caches = []
-    monkeypatch.setattr(benchmark.training, "setup_compilation_cache", caches.append)
+    monkeypatch.setattr(benchmark.host, "setup_compilation_cache", caches.append)
     monkeypatch.setenv("XLA_FLAGS", "")
     out, js = tmp_path / "bench.md", tmp_path / "bench.json"
     code = benchmark.main(["--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--mode", "infer",
@@ -124,7 +124,7 @@ def test_cli_writes_report_and_json(tmp_path, monkeypatch):
 def test_remat_option_compares_the_train_step_with_and_without_gradient_checkpointing(tmp_path, monkeypatch):
     """``--remat``: both steps in one report, ratios of the two; the remat step really keeps fewer temporaries
     (XLA's memory analysis of each compiled step: without the checkpointing the ratio would be 1)."""
-    monkeypatch.setattr(benchmark.training, "setup_compilation_cache", lambda _: None)
+    monkeypatch.setattr(benchmark.host, "setup_compilation_cache", lambda _: None)
     monkeypatch.setenv("XLA_FLAGS", "")
     out, js = tmp_path / "remat.md", tmp_path / "remat.json"
     code = benchmark.main(["--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--remat", "--iters",
@@ -169,7 +169,7 @@ def test_cli_rejects_bad_flags(argv, message, capsys):
 
 
 def test_data_dir_without_images_is_a_one_line_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(benchmark.training, "setup_compilation_cache", lambda directory: None)
+    monkeypatch.setattr(benchmark.host, "setup_compilation_cache", lambda directory: None)
     monkeypatch.setattr(benchmark, "benchmark_model", lambda *args: pytest.fail("the folder is checked first"))
     (tmp_path / "cat").mkdir()
     assert benchmark.main(["--data-dir", str(tmp_path), "--skip-cache-check", "--system-malloc"]) == 1
@@ -198,7 +198,7 @@ def test_output_paths_are_checked_before_the_timing(tmp_path, capsys, monkeypatc
 
 def test_a_late_write_error_keeps_the_printed_report_and_the_other_file(tmp_path, capsys, monkeypatch):
     """A folder that vanishes during the run: one line, exit 1, the report on stdout and the JSON written."""
-    monkeypatch.setattr(benchmark.training, "setup_compilation_cache", lambda directory: None)
+    monkeypatch.setattr(benchmark.host, "setup_compilation_cache", lambda directory: None)
     monkeypatch.setenv("XLA_FLAGS", "")
     gone = tmp_path / "gone"
     gone.mkdir()
@@ -220,9 +220,9 @@ def test_a_late_write_error_keeps_the_printed_report_and_the_other_file(tmp_path
 
 
 def test_report_names_the_cpu_s_vector_extensions_and_the_kernel_variants_that_ran(tmp_path, monkeypatch):
-    monkeypatch.setattr(benchmark.training, "setup_compilation_cache", lambda directory: None)
+    monkeypatch.setattr(benchmark.host, "setup_compilation_cache", lambda directory: None)
     monkeypatch.setenv("XLA_FLAGS", "")
-    monkeypatch.setenv(kernels.ENV_VARIABLE, "auto")  # --kernels sets it for the process: restored after
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "tuned")  # the default that --kernels overrides, for the run only
     out = tmp_path / "bench.md"
     assert benchmark.main(["--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--mode", "infer",
                            "--iters", "1", "--warmup", "0", "--skip-cache-check", "--skip-input-pipeline",
@@ -230,14 +230,27 @@ def test_report_names_the_cpu_s_vector_extensions_and_the_kernel_variants_that_r
     text = out.read_text()
     assert f"CPU vector extensions: {kernels.vector_extensions()}. " in text
     assert ("jaxnets kernels: 1x1 conv as conv, reduce_window max pool, autodiff BatchNorm grad, conv of <=2x2 "
-            "maps as conv, YNNPACK convolutions (JAXNETS_KERNELS=xla).") in text
+            "maps as conv, YNNPACK convolutions (--kernels=xla).") in text
+    assert os.environ[kernels.ENV_VARIABLE] == "tuned" and kernels.current().tuned == set(kernels.VARIANTS)
+
+
+def test_the_cache_check_s_fresh_processes_build_under_this_process_s_kernel_choice(monkeypatch):
+    commands = []
+
+    def child(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, json.dumps({"first_step_s": 1.0}), "")
+    monkeypatch.setattr(benchmark.subprocess, "run", child)
+    with kernels.using("maxpool_jvp,eigen_conv"):
+        benchmark.compile_cache_times("resnet18", "infer", **TINY)
+    assert len(commands) == 2 and all(c[-2:] == ["--kernels", "maxpool_jvp,eigen_conv"] for c in commands)
 
 
 def test_bad_kernels_flag_is_argparse_s_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(["--kernels", "fastest"])
     assert exit_info.value.code == 2
-    assert "--kernels: JAXNETS_KERNELS='fastest': expected auto" in capsys.readouterr().err
+    assert "error: --kernels='fastest': expected auto" in capsys.readouterr().err
 
 
 # --- the one-shot GPU check (--suite gpu) ---------------------------------------------------------------------
@@ -272,7 +285,7 @@ def test_largest_batch_from_the_memory_analysis():
 
 
 def test_suite_flag_dispatches_and_an_unknown_suite_is_an_error(capsys):
-    from jaxnets.benchmark import __main__ as cli
+    from jaxnets.cli import benchmark as cli
     assert cli.split_suite(["--model", "x", "--suite", "gpu", "--tiny"]) == ("gpu", ["--model", "x", "--tiny"])
     assert cli.split_suite(["--suite=kernels"]) == ("kernels", [])
     assert cli.split_suite(["--iters", "2"]) == ("models", ["--iters", "2"])
@@ -340,16 +353,18 @@ def test_kernel_suite_child_runs_limited_to_avx2_with_the_settings_asked_for(mon
 
 
 def test_kernel_suite_times_each_setting_as_traced_under_it(monkeypatch):
-    """In one process, each setting's step is traced under its own JAXNETS_KERNELS: the variants really differ."""
-    monkeypatch.setenv(kernels.ENV_VARIABLE, "auto")  # measure() sets it for the process: restored after
+    """In one process, each setting's step is built under its own choice (``kernels.using``), which the report
+    names: the variants really differ; the process default is left as it was."""
+    monkeypatch.delenv(kernels.ENV_VARIABLE, raising=False)
     monkeypatch.setattr(kernel_choice, "MODES", ("infer",))  # training steps are built the same way, slower
     args = kernel_choice.parse_args(["--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--iters", "1",
                                      "--warmup", "0"], "test")
     result = kernel_choice.measure(["tuned", "xla"], args)
     assert set(result["infer"]) == {"tuned", "xla", "torch"} and "train" not in result
     assert all(len(t) == 1 and t[0] > 0 for t in result["infer"].values())
-    assert result["context"]["kernels"]["xla"].endswith("(JAXNETS_KERNELS=xla)")
+    assert result["context"]["kernels"]["xla"].endswith("(--kernels=xla)")
     assert result["context"]["kernels"]["tuned"].startswith("1x1 conv as matmul")
+    assert kernels.ENV_VARIABLE not in os.environ and kernels.current() == kernels.default()
 
 
 def test_largest_batch_backs_off_when_the_prediction_does_not_fit(monkeypatch):

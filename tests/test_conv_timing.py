@@ -39,7 +39,7 @@ def test_timings_and_table_count_every_layer():
 
 
 def test_cli_conv_layers_writes_the_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(benchmark.training, "setup_compilation_cache", lambda directory: None)
+    monkeypatch.setattr(benchmark.host, "setup_compilation_cache", lambda directory: None)
     monkeypatch.setattr(benchmark, "benchmark_model", lambda *args: pytest.fail("--conv-layers times layers only"))
     out = tmp_path / "convs.md"
     code = benchmark.main(["--model", "alexnet", "--conv-layers", "--batch-size", "1", "--image-size", "64",

@@ -347,11 +347,12 @@ def test_image_check_rejects_exactly_the_cut_files_tensorflow_fails_on(tmp_path,
 
 @pytest.mark.parametrize("data,problem", [
     (_encoded("TIFF"), "TIFF data, not JPEG, PNG, GIF, BMP or WebP"),
-    (_encoded("WEBP", save_all=True, append_images=[Image.new("RGB", (32, 24))]), "animated WebP"),
+    (_encoded("WEBP", save_all=True, append_images=[Image.new("RGB", (32, 24))]),
+     "WEBP file: WebP Animation must be 4 channel RGBA"),
     (_encoded("PPM"), "PPM data"),
-    (_encoded("JPEG")[:-2] + bytes(20), "truncated JPEG: no end-of-image marker"),  # zero padding, no marker
-    (_encoded("BMP", mode="1"), "BMP with 1 bits per pixel"),
-    (_encoded("BMP") + bytes(4), "truncated or padded"),
+    (_encoded("JPEG")[:-2] + bytes(20), "JPEG file: jpeg::Uncompress failed. Invalid JPEG data"),  # no end marker
+    (_encoded("BMP", mode="1"), "BMP file: Number of channels inherent in the image must be 1, 3 or 4, was 0"),
+    (_encoded("BMP") + bytes(4), "BMP file: Input size should match (header_size + row_size * abs_height)"),
 ])
 def test_image_check_rejects_what_tensorflow_cannot_decode(tmp_path, data, problem):
     (tmp_path / "x.png").write_bytes(data)
@@ -469,7 +470,7 @@ def test_no_network_is_told_at_once_unless_a_proxy_may_reach_it(proxy, tmp_path,
 @pytest.mark.parametrize("field, value, message", [
     ("image_size", 0, "DataConfig.image_size must be an integer >= 1, got 0"),
     ("image_size", 16.5, "DataConfig.image_size must be an integer >= 1, got 16.5"),
-    ("resize_size", 8, "DataConfig.resize_size must be None or an integer >= image_size (16), got 8"),
+    ("val_resize_size", 8, "DataConfig.val_resize_size must be None or an integer >= image_size (16), got 8"),
     ("batch_size", 0, "DataConfig.batch_size must be an integer >= 1, got 0"),
     ("eval_batch_size", True, "DataConfig.eval_batch_size must be None or an integer >= 1, got True"),
     ("std", (0.0, 0.2, 0.2), "DataConfig.std must be 3 finite numbers > 0 (one per channel), got (0.0, 0.2, 0.2)"),
@@ -519,7 +520,7 @@ def test_eval_batches_are_normalized_as_torchvision_with_the_weights_mean_and_st
     batches = list(dataset.eval_batches("train"))
     ours = np.concatenate([b["image"][b["mask"]] for b in batches])
     assert len(ours) == len(dataset.train) == 6
-    reference = np.stack([_eval_reference(p, config.eval_resize, 16, expected.mean, expected.std)
+    reference = np.stack([_eval_reference(p, config.eval_transform.resize_size, 16, expected.mean, expected.std)
                           for p in dataset.train.paths])
     assert ours.shape == reference.shape == (6, 16, 16, 3)
     # In intensity levels (0..255): the tolerance of test_eval_transform_matches_torchvision (torchvision rounds

@@ -8,9 +8,13 @@ artifact (its batch dimension is dynamic), within the bound jaxnets holds its mo
 statistics; strided 1x1 convolutions), GoogLeNet's eval graph (no aux heads; ceil-mode pools; transform_input),
 AlexNet (11x11/4 convolution, the general adaptive pooling matrices, the classifier), VGG-11-BN as a
 ``features_only`` backbone (its list of feature maps), and ResNeXt-50's stem and first stage (grouped
-convolutions; its backbone stops there). ResNet-18 is also exported with the preprocessing and the
-softmax inside (uint8 in, probabilities out), against ``pil_eval``'s normalization of the same pixels, and as
-TFLite with int8 weights (top-1 agreement reported, not held to the float bound).
+convolutions; its backbone stops there). Every family goes to StableHLO; each converter of its own
+(``HEAVY_FAMILY``: ONNX, SavedModel, TFLite, a minute or more each) gets the family that tests what it adds:
+ONNX ResNeXt's grouped convolutions, SavedModel GoogLeNet (its weights stored as variables, the aux heads'
+left out), TFLite VGG's list of outputs. In every format ResNet-18 is also exported with the preprocessing and
+the softmax inside (uint8 in, probabilities out; its padded max pool is ONNX's re-emitted pool), against
+``pil_eval``'s normalization of the same pixels, and as TFLite with int8 weights (top-1 agreement reported, not
+held to the float bound). Every artifact holds XLA's formulations, whatever this machine's kernel choice.
 """
 
 from __future__ import annotations
@@ -29,13 +33,12 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 import jaxnets
-from jaxnets import kernels, layers, trees
+from jaxnets import kernels, layers, trees, tuned_kernels
 from jaxnets.cli import export as cli
 from jaxnets.data import pil_eval
 from jaxnets.eval_transform import EvalTransform
 from jaxnets.export import FORMATS, MissingDependency, OutputExists, VerificationError, export, export_function
 from jaxnets.export import verify as verification
-from jaxnets.export.graph import portable
 from jaxnets.export.runtime import RUNTIME_PACKAGES
 from jaxnets.weights import save_weights
 
@@ -49,6 +52,10 @@ FAMILIES = {
     "vgg11_bn": (32, {"features_only": True, "out_indices": (1, 3, 4)}),
     "resnext50_32x4d": (32, {"features_only": True, "out_indices": (1,)}),  # grouped convolutions, stem to layer1
 }
+# The family each converter besides StableHLO's exports (StableHLO: every family), with what it proves there.
+HEAVY_FAMILY = {"onnx": "resnext50_32x4d",  # grouped convolutions as ONNX Conv groups
+                "saved_model": "googlenet",  # only the weights the eval graph reads become variables
+                "tflite": "vgg11_bn"}  # a list of outputs through TFLite's signature
 
 
 def within_bound(expected: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
@@ -133,16 +140,22 @@ def preprocessed(photos):
 def test_every_family_exported_reproduces_model_apply_in_a_process_with_only_the_runtime(format, cases, preprocessed,
                                                                                           tmp_path):
     jobs, expectations = [], []
-    for name, (model, variables, size, inputs, expected) in cases.items():
+    for name in FAMILIES if format == "stablehlo" else [HEAVY_FAMILY[format]]:
+        model, variables, size, inputs, expected = cases[name]
         result = export(model, variables, format, tmp_path / name, image_size=size, verify=False)
         assert result.signature.input_shape == (size, size, 3)
         if name == "googlenet":  # its eval graph: the aux heads' weights (40 % of them here) are not in the artifact
             flat = trees.flatten(variables)
             aux = sum(leaf.nbytes for key, leaf in flat.items() if key.startswith(("params/aux1", "params/aux2")))
             used = sum(leaf.nbytes for leaf in flat.values()) - aux
-            # At this size inception5b's maps are 1x1: the 3x3 and 5x5 taps that read only padding are left out
-            # (layers.small_map_conv, ~20 % of the weights), so the lower bound is loose; the upper one is the check.
-            assert 0.7 * used < artifact_bytes(result) < used + aux / 10, (artifact_bytes(result), used, aux)
+            # Every weight the eval graph reads is there (XLA's formulations: no convolution tap left out).
+            assert 0.9 * used < artifact_bytes(result) < used + aux / 10, (artifact_bytes(result), used, aux)
+        if format == "onnx":  # XLA's formulations on this machine too, whose default may be tuned: a Conv per kernel
+            import onnx
+
+            ops = [node.op_type for node in onnx.load(str(result.path / "model.onnx")).graph.node]
+            kernel_ranks = [leaf.ndim for key, leaf in trees.flatten(variables).items() if key.endswith("kernel")]
+            assert ops.count("Conv") == kernel_ranks.count(4) and "MatMul" not in ops, sorted(set(ops))
         jobs.append(verification.Job(result.path, inputs))
         expectations.append((name, expected))
     model, variables, size, inputs, expected = preprocessed
@@ -198,45 +211,81 @@ def test_the_export_directory_describes_its_artifact(cases, tmp_path):
     assert not (backbone.path / "classes.txt").exists()
 
 
-# --- the re-traced graph the converters see ---------------------------------------------------------------
+# --- what the artifacts hold: XLA's formulations, whatever the machine ---------------------------------------
 
 
-def test_portable_graph_turns_strided_gathers_into_slices_and_fuses_pools(tmp_path, monkeypatch):
-    """Under a symbolic batch, ``x[:, ::2, ::2]`` traces to a gather; the re-traced function has a slice instead,
-    and one 2-d pool per max pool, with the same values (pools of negative values: the padding must be -inf, and
-    ceil mode's extra window); a gather that is no grid stays a gather. (Without ``small_map_matmul``, whose
-    slices of 1x1 and 2x2 maps would be counted too.)"""
-    monkeypatch.setenv(kernels.ENV_VARIABLE, ",".join(v for v in kernels.VARIANTS if v != "small_map_matmul"))
+def tuned_custom_rules() -> list[str]:
+    """The names of the tuned variants' custom derivative rules, as a jaxpr names their calls."""
+    return [name for name, rule in vars(tuned_kernels).items() if isinstance(rule, (jax.custom_jvp, jax.custom_vjp))]
+
+
+def test_an_artifact_holds_xla_s_formulations_whatever_the_machine_s_default(tmp_path, monkeypatch):
+    """With the process default set to every tuned variant, a plain trace of ResNet-18 at 32 px has them (the
+    separable pool's two windows and custom JVPs, 1x1 and 1x1-map convolutions as dot_general); its export has
+    none: one convolution per Conv2d kernel of the model, one dot_general per Linear kernel, one reduce_window per
+    max pool, and the exported function's jaxpr calls no tuned rule."""
+    monkeypatch.setenv(kernels.ENV_VARIABLE, "tuned")
     model = jaxnets.create_model("resnet18", num_classes=3)
     variables = random_variables(model, 32, 0)
+    kernel_ranks = [leaf.ndim for path, leaf in trees.flatten(variables["params"]).items() if path.endswith("kernel")]
+    convs, linears, pools = kernel_ranks.count(4), kernel_ranks.count(2), 1  # ResNet's one max pool, in the stem
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    default = str(jax.make_jaxpr(lambda x: model.apply(variables, x, train=False))(x))
+    assert default.count("reduce_window_max") == 2 * pools and default.count("conv_general_dilated") < convs
+    assert all(f"name={rule}" in default for rule in tuned_custom_rules() if rule.startswith("_max_pool"))
 
-    def apply(x):
-        return model.apply(variables, x, train=False)
+    from jaxnets.export import to_stablehlo
 
-    batch, = jax.export.symbolic_shape("b")
-    spec = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
-    before = _primitives(jax.make_jaxpr(apply)(spec).jaxpr)
-    after = _primitives(jax.make_jaxpr(portable(apply, pools=True))(spec).jaxpr)
-    assert before["gather"] == 3 and "gather" not in after and after["slice"] == 3
-    assert after["reduce_window_max"] == 1  # ResNet-18's one max pool, one 2-d window
-    x = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
-    want = np.asarray(jax.jit(apply)(x))
-    assert np.array_equal(np.asarray(symbolic_batch(portable(apply), x)), want)
-    assert np.array_equal(np.asarray(symbolic_batch(portable(apply, pools=True), x)), want)
+    exported = {}
+
+    def spy(fn, params, *args, **kwargs):  # the function the exporter writes, as the format's module gets it
+        exported["jaxpr"] = str(jax.make_jaxpr(fn)(params, x))
+        return write(fn, params, *args, **kwargs)
+
+    write = to_stablehlo.write
+    monkeypatch.setattr(to_stablehlo, "write", spy)
+    result = export(model, variables, "stablehlo", tmp_path / "r18", image_size=32, platforms=("cpu",))
+    mlir = (result.path / "model.mlir").read_text()
+    counts = {op: mlir.count(f"stablehlo.{op}") for op in ("convolution", "dot_general", "reduce_window")}
+    assert counts == {"convolution": convs, "dot_general": linears, "reduce_window": pools}, counts
+    assert not any(f"name={rule}" in exported["jaxpr"] for rule in tuned_custom_rules())
+    assert exported["jaxpr"].count("conv_general_dilated") == convs
+    assert kernels.current().tuned == set(kernels.VARIANTS)  # the export left the process's choice alone
+
+
+def test_onnx_s_pools_are_re_emitted_as_padding_and_2d_valid_windows_with_the_same_values():
+    """jax2onnx converts ``flax.linen.max_pool`` with 'VALID' windows to ONNX's 2-d MaxPool, not a padded
+    ``reduce_window_max``: every max pool of the exported graph is re-traced as -inf padding and such a pool, the
+    same values (pools of negative values: the padding must be -inf; ceil mode's extra window), under a symbolic
+    batch as the converter traces it. Other window reductions stay as traced."""
+    from jaxnets.export.to_onnx import _with_onnx_pools
 
     for size, kernel, stride, padding, ceil_mode in [(9, 3, 2, 1, True), (8, 2, 2, 0, False), (7, 3, 1, 1, True)]:
         def pool(x, kernel=kernel, stride=stride, padding=padding, ceil_mode=ceil_mode):
-            return layers.max_pool(x, kernel, stride, padding, ceil_mode)
+            with kernels.using("xla"):  # the exporter's formulation
+                return layers.max_pool(x, kernel, stride, padding, ceil_mode)
 
         z = np.random.default_rng(size).standard_normal((2, size, size + 1, 3)).astype(np.float32) - 3  # < 0
-        assert np.array_equal(np.asarray(symbolic_batch(portable(pool, pools=True), z)), np.asarray(pool(z)))
+        assert np.array_equal(np.asarray(symbolic_batch(_with_onnx_pools(pool), z)), np.asarray(pool(z)))
+        jaxpr = jax.make_jaxpr(_with_onnx_pools(pool))(z).jaxpr
+        windows = [e for e in _equations(jaxpr) if e.primitive.name == "reduce_window_max"]
+        assert len(windows) == 1 and all(pair == (0, 0) for pair in windows[0].params["padding"])
+        assert _primitives(jaxpr)["pad"] >= 1
 
-    def pick(x):
-        return x[:, jnp.array([0, 2, 3])]
+    def row_max(x):  # a window over the batch axis too: not an image pool, left alone
+        return jax.lax.reduce_window(x, -np.inf, jax.lax.max, (2, 1, 1, 1), (1, 1, 1, 1), "VALID")
 
-    assert _primitives(jax.make_jaxpr(portable(pick))(jax.ShapeDtypeStruct((batch, 5), jnp.float32)).jaxpr)["gather"]
-    y = np.arange(10, dtype=np.float32).reshape(2, 5)
-    assert np.array_equal(np.asarray(symbolic_batch(portable(pick), y)), y[:, [0, 2, 3]])
+    text = str(jax.make_jaxpr(_with_onnx_pools(row_max))(np.zeros((3, 2, 2, 1), np.float32)))
+    assert "reduce_window_max" in text and "window_dimensions=(2, 1, 1, 1)" in text
+
+
+def _equations(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _equations(inner)
 
 
 def symbolic_batch(fn, x: np.ndarray):

@@ -91,10 +91,10 @@ def test_unknown_allocator_choice_is_a_one_line_error():
 
 
 @pytest.fixture
-def fresh_options(monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VARIABLE, "eigen_conv")  # the variant these options are
+def fresh_options():
     host._cpu_options_accepted.cache_clear()
-    yield
+    with kernels.using("eigen_conv"):  # the variant these options are
+        yield
     host._cpu_options_accepted.cache_clear()
 
 
@@ -113,8 +113,10 @@ def test_xla_cpu_options_are_empty_where_xla_rejects_them(fresh_options, monkeyp
     assert host.xla_cpu_options() == {}
 
 
-def test_xla_cpu_options_only_where_the_kernel_choice_wants_eigen_convolutions(fresh_options, monkeypatch):
+def test_xla_cpu_options_only_where_the_kernel_choice_wants_eigen_convolutions(fresh_options):
     if not host.xla_cpu_options():
         pytest.skip("this XLA:CPU has no YNNPACK fusion options")
-    monkeypatch.setenv(kernels.ENV_VARIABLE, "matmul_1x1,maxpool_jvp,batchnorm_vjp")
-    assert host.xla_cpu_options() == {}
+    with kernels.using("matmul_1x1,maxpool_jvp,batchnorm_vjp"):
+        assert host.xla_cpu_options() == {}
+        assert host.xla_cpu_options(kernels.resolve("eigen_conv"))  # a step's own choice, given
+    assert host.xla_cpu_options(kernels.resolve("xla")) == {}

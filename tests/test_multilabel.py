@@ -13,31 +13,65 @@ import torch
 from PIL import Image
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
-from jaxnets import multilabel, predict, training
+from jaxnets import evaluation, losses, predict, training
+from jaxnets.cli import predict as predict_cli
 from jaxnets.config import TrainConfig
 from jaxnets.data import DataConfig, DataError, load_dataset
+from jaxnets.final_weights import FINAL_WEIGHTS
 from jaxnets.run_io import METRICS_FILE, read_metrics
-from jaxnets.weights import load_weights
+from jaxnets.weights import instantiate, load_weights
 
 
-def test_metrics_equal_scikit_learns():
+def _hand_written_metrics(targets: np.ndarray, logits: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """jaxnets' own implementation before scikit-learn computed the metrics (jaxnets.multilabel, until issue 25),
+    kept as the reference that the definitions did not change: per-class average precision ``sum_k (R_k -
+    R_{k-1}) P_k`` over the distinct scores, averaged over the classes with a positive; F1 per class (0 where
+    undefined) averaged, micro F1, exact match."""
+    targets, scores = np.asarray(targets, bool), np.asarray(logits, np.float64)
+    ap = np.full(targets.shape[1], np.nan)
+    for c in range(targets.shape[1]):
+        positives = targets[:, c].sum()
+        if not positives:
+            continue
+        order = np.argsort(-scores[:, c], kind="stable")
+        score, hit = scores[order, c], targets[order, c]
+        last = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]
+        true_pos = np.cumsum(hit)[last]
+        ap[c] = np.sum(np.diff(np.r_[0.0, true_pos / positives]) * true_pos / (last + 1))
+    predicted = 1.0 / (1.0 + np.exp(-scores)) >= threshold
+    true_pos = (predicted & targets).sum(axis=0)
+    false_pos, false_neg = (predicted & ~targets).sum(axis=0), (~predicted & targets).sum(axis=0)
+    denominator = 2 * true_pos + false_pos + false_neg
+    f1 = np.where(denominator > 0, 2 * true_pos / np.maximum(denominator, 1), 0.0)
+    micro = 2 * true_pos.sum() / max(2 * true_pos.sum() + false_pos.sum() + false_neg.sum(), 1)
+    return {"map": float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0, "f1": float(f1.mean()),
+            "f1_micro": float(micro), "exact_match": float(np.mean(np.all(predicted == targets, axis=1)))}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_metrics_are_scikit_learns_with_the_definitions_of_the_hand_written_ones(seed):
     """mAP (macro over the classes with a positive: a class without one has no precision-recall curve, and is
     left out), F1 at probability 0.5 (macro with zero_division=0, and micro) and exact match (subset accuracy),
-    on scores with ties, to 1e-12."""
-    rng = np.random.default_rng(0)
+    on scores with ties and a class without positives: scikit-learn's functions called directly, and the
+    hand-written implementation they replaced, to 1e-12. Seed 3: no example of any class is predicted."""
+    rng = np.random.default_rng(seed)
     targets = (rng.random((300, 7)) < 0.3).astype(int)
     targets[:, 6] = 0  # a class with no positive example
     logits = np.round(rng.normal(size=(300, 7)) + 2 * targets - 1, 1)  # rounded: many tied scores
-    ours = multilabel.metrics(targets, logits)
+    if seed == 3:
+        logits = -np.abs(logits) - 0.1  # nothing predicted: every F1 undefined
+    ours = evaluation.multi_label_metrics(targets, logits)
+    assert ours == pytest.approx(_hand_written_metrics(targets, logits), rel=1e-12, abs=1e-15)
     present = targets.sum(axis=0) > 0
     ap = average_precision_score(targets[:, present], logits[:, present], average=None)
-    np.testing.assert_allclose(multilabel.average_precision(targets, logits)[present], ap, rtol=1e-12)
-    assert np.isnan(multilabel.average_precision(targets, logits)[6])
     predicted = logits >= 0  # sigmoid(logit) >= 0.5
     assert ours["map"] == pytest.approx(np.mean(ap), rel=1e-12)
     assert ours["f1"] == pytest.approx(f1_score(targets, predicted, average="macro", zero_division=0), rel=1e-12)
-    assert ours["f1_micro"] == pytest.approx(f1_score(targets, predicted, average="micro"), rel=1e-12)
+    assert ours["f1_micro"] == pytest.approx(f1_score(targets, predicted, average="micro", zero_division=0),
+                                             rel=1e-12, abs=1e-15)
     assert ours["exact_match"] == pytest.approx(accuracy_score(targets, predicted), rel=1e-12)
+    nothing = np.zeros_like(targets)
+    assert evaluation.multi_label_metrics(nothing, logits) == _hand_written_metrics(nothing, logits)  # mAP 0
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -45,7 +79,7 @@ def test_binary_cross_entropy_matches_torch(smoothing):
     """torch's BCEWithLogitsLoss (the mean over classes) on targets smoothed as timm's BinaryCrossEntropy does."""
     rng = np.random.default_rng(1)
     logits, targets = rng.normal(size=(5, 6)).astype(np.float32), (rng.random((5, 6)) < 0.4).astype(np.float32)
-    ours = multilabel.binary_cross_entropy(logits, targets, smoothing)
+    ours = losses.binary_cross_entropy(logits, targets, smoothing)
     smoothed = targets * (1 - smoothing) + smoothing / 6
     theirs = torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(smoothed),
                                                                   reduction="none").mean(-1)
@@ -145,17 +179,17 @@ def test_training_on_generated_multi_label_digits_reaches_map_and_predict_lists_
     assert result.metrics["map"] >= 0.6, result.metrics
     val = [r for r in read_metrics(tmp_path / "run" / METRICS_FILE) if r["split"] == "val"]
     assert len(val) == 4 and {"map", "f1", "f1_micro", "exact_match", "loss"} <= set(val[-1])
-    weights = tmp_path / "run" / training.FINAL_WEIGHTS
+    weights = tmp_path / "run" / FINAL_WEIGHTS
     header = load_weights(weights).metadata
     assert header["multi_label"] is True and header["val_map"] == result.metrics["map"]
 
     images = [str(tmp_path / "digits2" / name) for name, _ in rows[:6]]
-    weights_file = predict.open_pretrained("resnet18", str(weights))
-    model, variables = predict.instantiate(weights_file)
+    weights_file = predict.open_weights("resnet18", str(weights))
+    model, variables = instantiate(weights_file)
     transform = predict.eval_transform("resnet18", weights_file)
     logits = predict.classify(model, variables, np.stack([predict.load_input(p, transform) for p in images]))
     capsys.readouterr()
-    assert predict.main(["--model", "resnet18", "--weights", str(weights), "--threshold", "0.4", *images]) == 0
+    assert predict_cli.main(["--model", "resnet18", "--weights", str(weights), "--threshold", "0.4", *images]) == 0
     printed = capsys.readouterr().out
     assert printed.count("  0.") + printed.count("  1.0000") >= len(images)  # classes shown: on average one or more
     for path, row in zip(images, logits, strict=True):

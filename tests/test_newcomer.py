@@ -93,7 +93,7 @@ def tiny_weights(tmp_path_factory):
 
 
 def test_predict_takes_the_model_from_the_weights_file(tiny_weights, capsys):
-    from jaxnets import predict
+    from jaxnets.cli import predict
 
     weights, image = tiny_weights
     assert predict.main(["--model", "resnet18", "--weights", str(weights), str(image)]) == 0
@@ -109,7 +109,7 @@ def test_predict_takes_the_model_from_the_weights_file(tiny_weights, capsys):
     ([], "--model is needed for torchvision's weights (IMAGENET1K_V1)"),
 ])
 def test_predict_without_a_model_it_cannot_know_or_with_another_is_one_line(tiny_weights, capsys, argv, message):
-    from jaxnets import predict
+    from jaxnets.cli import predict
 
     weights, image = tiny_weights
     assert predict.main([a.format(weights=weights) for a in argv] + [str(image)]) == 1

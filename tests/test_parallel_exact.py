@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = """
 import sys
 import jax, jax.numpy as jnp, numpy as np, optax
-from jaxnets import create_model, parallel, training
+from jaxnets import create_model, parallel, train_step
 out, devices, *cluster = sys.argv[1:]
 if cluster:
     parallel.initialize(cluster[0], int(cluster[1]), int(cluster[2]))
@@ -25,8 +25,8 @@ mesh = parallel.make_mesh(int(devices) or None)
 model = create_model("resnet18", num_classes=3, dtype=jnp.float64)
 variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 variables = jax.tree.map(lambda v: v.astype(jnp.float64), variables)
-state = training.create_train_state(model, variables, optax.sgd(0.1, momentum=0.9), mesh)
-step = training.make_train_step(mesh, label_smoothing=0.1)
+state = train_step.create_train_state(model, variables, optax.sgd(0.1, momentum=0.9), mesh)
+step = train_step.make_train_step(mesh, label_smoothing=0.1)
 rng = np.random.default_rng(0)
 losses = []
 for _ in range(3):

@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 
 import jaxnets
 from jaxnets import predict
+from jaxnets.cli import predict as predict_cli
 from jaxnets.registry import EvalTransform
 from jaxnets.weights import save_weights
 
@@ -116,7 +117,7 @@ def test_cli_prints_top_k_like_torchvision_and_reports_unreadable_files(resnet18
     argv = ["--model", "resnet18", "--weights", str(weights), "--top", "3", "--batch-size", "2",
             str(good[0]), str(broken), str(good[1]), str(not_an_image), str(tmp_path / "missing.jpg"), str(good[2])]
 
-    assert predict.main(argv) == 1
+    assert predict_cli.main(argv) == 1
     out, err = capsys.readouterr()
     assert len(err.splitlines()) == 4  # one line per unreadable file, one summary
     for bad in (broken, not_an_image, tmp_path / "missing.jpg"):
@@ -142,7 +143,7 @@ def test_cli_uses_class_names_recorded_with_fine_tuned_weights(resnet18, tmp_pat
     weights = save_weights(tmp_path / "tiny.safetensors", "resnet18", variables,
                            metadata={"categories": ["ant", "bee", "cat"]})
     image = write_image(tmp_path / "x.png", 64, 64, "RGB")
-    assert predict.main(["--model", "resnet18", "--weights", str(weights), "--top", "5", str(image)]) == 0
+    assert predict_cli.main(["--model", "resnet18", "--weights", str(weights), "--top", "5", str(image)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == str(image) and len(out) == 4 and out[1].endswith("  bee")
 
@@ -153,7 +154,7 @@ def test_cli_uses_the_eval_sizes_recorded_with_fine_tuned_weights(resnet18, tmp_
     weights = save_weights(tmp_path / "small.safetensors", "resnet18", variables,
                            metadata={"eval_transform": {"resize_size": 73, "crop_size": 64}})
     image = write_image(tmp_path / "y.jpg", 150, 110, "RGB")
-    assert predict.main(["--model", "resnet18", "--weights", str(weights), "--top", "2", str(image)]) == 0
+    assert predict_cli.main(["--model", "resnet18", "--weights", str(weights), "--top", "2", str(image)]) == 0
     out = capsys.readouterr().out.splitlines()
 
     ref = EvalTransform()
@@ -166,7 +167,7 @@ def test_cli_uses_the_eval_sizes_recorded_with_fine_tuned_weights(resnet18, tmp_
 
 
 def test_cli_rejects_weights_of_another_model(resnet18, capsys):
-    assert predict.main(["--model", "resnet34", "--weights", str(resnet18[2]), "x.jpg"]) == 1
+    assert predict_cli.main(["--model", "resnet34", "--weights", str(resnet18[2]), "x.jpg"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds resnet18 weights, not resnet34" in err
 
@@ -185,7 +186,7 @@ def test_malformed_eval_sizes_are_a_one_line_error_naming_the_file(resnet18, tmp
     _, variables, _ = resnet18
     weights = save_weights(tmp_path / "bad.safetensors", "resnet18", variables, metadata={"eval_transform": entry})
     image = write_image(tmp_path / "z.png", 40, 40, "RGB")
-    assert predict.main(["--model", "resnet18", "--weights", str(weights), str(image)]) == 1
+    assert predict_cli.main(["--model", "resnet18", "--weights", str(weights), str(image)]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert err.startswith(f"error: {weights}: metadata eval_transform") and message in err
@@ -218,7 +219,7 @@ def test_a_decompression_bomb_is_one_unreadable_file(resnet18, tmp_path, capsys,
     # 400 x 400 is then more than twice the limit (an error); the good image resized to 256 x 256 and cropped to
     # 224 x 224 is under the limit itself (PIL warns above it: a limit under 224 x 224 warned on every good image).
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 70_000)
-    assert predict.main(["--model", "resnet18", "--weights", str(weights), str(huge), str(good)]) == 1
+    assert predict_cli.main(["--model", "resnet18", "--weights", str(weights), str(huge), str(good)]) == 1
     out, err = capsys.readouterr()
     assert out.splitlines()[:1] == [str(good)], err
     assert f"error: {huge}: cannot read image (Image size (160000 pixels) exceeds limit" in err
@@ -253,7 +254,7 @@ def test_a_grayscale_model_classifies_grayscale_images_as_torchvision(resnet18, 
     1-channel statistics; torchvision's transforms on the 'L' image and its model with the same stem agree."""
     weights, transform, torch_model = _adapted(resnet18, tmp_path, 1)
     image = write_image(tmp_path / "gray.png", 150, 110, "L")
-    assert predict.main(["--model", "resnet18", "--weights", str(weights), "--top", "3", str(image)]) == 0
+    assert predict_cli.main(["--model", "resnet18", "--weights", str(weights), "--top", "3", str(image)]) == 0
     out = capsys.readouterr().out.splitlines()
     preset = transforms.Compose([transforms.Resize(73, antialias=True), transforms.CenterCrop(64),
                                  transforms.ToTensor(), transforms.Normalize(transform.mean, transform.std)])
@@ -280,7 +281,7 @@ def test_npy_arrays_are_read_resized_and_normalized_per_channel(resnet18, tmp_pa
     image = write_image(tmp_path / "rgb.png", 40, 40, "RGB")
     argv = ["--model", "resnet18", "--weights", str(weights), "--top", "2", str(tmp_path / "bands.npy"),
             str(tmp_path / "wrong.npy"), str(image)]
-    assert predict.main(argv) == 1
+    assert predict_cli.main(argv) == 1
     out, err = capsys.readouterr()
     with torch.no_grad():
         probs = torch.softmax(torch_model(torch.from_numpy(ours.transpose(2, 0, 1))[None]), -1).numpy()[0]
@@ -298,6 +299,6 @@ def test_backbone_weights_have_nothing_to_classify_with(resnet18, tmp_path, caps
     model, variables = jaxnets.load_pretrained("resnet18", weights=path, features_only=True)
     weights = save_weights(tmp_path / "backbone.safetensors", "resnet18", variables,
                            model_options=jaxnets.model_options("resnet18", model))
-    assert predict.main(["--model", "resnet18", "--weights", str(weights), "x.png"]) == 1
+    assert predict_cli.main(["--model", "resnet18", "--weights", str(weights), "x.png"]) == 1
     assert capsys.readouterr().err == (f"error: {weights}: resnet18 backbone weights (features_only): no classifier "
                                        f"to classify with\n")

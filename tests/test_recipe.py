@@ -23,7 +23,7 @@ import scipy.stats
 import torch
 from torchvision.transforms import v2
 
-from jaxnets import mixing, parallel, training
+from jaxnets import ema, final_weights, mixing, parallel, train_step, training
 from jaxnets.cli.train import config_from_args
 from jaxnets.config import RECIPES, TrainConfig, resolve
 from jaxnets.ema import EmaSchedule
@@ -111,12 +111,12 @@ def test_the_step_mixes_and_smooths_the_targets_as_torch():
     batch = _batch(np.random.default_rng(1), 4)
     variables = model.init(jax.random.key(0), batch["image"])
     config = mixing.Mixing(0.2, 1.0)
-    state = training.create_train_state(model, jax.tree.map(jnp.copy, variables), optax.sgd(0.0), mesh, seed=5)
-    step = training.make_train_step(mesh, label_smoothing=0.1, mixing=config)
+    state = train_step.create_train_state(model, jax.tree.map(jnp.copy, variables), optax.sgd(0.0), mesh, seed=5)
+    step = train_step.make_train_step(mesh, label_smoothing=0.1, mixing=config)
 
     @jax.jit
     def reference_inputs(step_number):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(5), step_number), training.MIX_STREAM)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(5), step_number), train_step.MIX_STREAM)
         draw = mixing.draw(key, 6, 8, config)
         images = mixing.mix_images(jnp.asarray(batch["image"]), draw)
         targets = mixing.mix_targets(jax.nn.one_hot(batch["label"], 3), draw, 6, 8)
@@ -146,7 +146,7 @@ def test_ema_is_torchvisions_exponential_moving_average_replayed(tmp_path):
     batch_size, every, epochs, steps_per_epoch, warmup, decay = 4, 2, 3, 3, 1, 0.9
     config = resolve(TrainConfig(model="resnet18", batch_size=batch_size, model_ema=True, model_ema_decay=decay,
                                  model_ema_steps=every, epochs=epochs, warmup_epochs=float(warmup)))
-    schedule = training.ema_schedule(config, steps_per_epoch)
+    schedule = ema.schedule_of(config, steps_per_epoch)
     world_size, per_gpu = 1, batch_size  # torchvision's --batch-size is per GPU
     torch_decay = 1.0 - min(1.0, (1.0 - decay) * (world_size * per_gpu * every / epochs))
     assert schedule == EmaSchedule(pytest.approx(torch_decay, abs=1e-15), every, steps_per_epoch, warmup)
@@ -155,8 +155,8 @@ def test_ema_is_torchvisions_exponential_moving_average_replayed(tmp_path):
     model = TinyNet()
     rng = np.random.default_rng(2)
     variables = model.init(jax.random.key(1), _batch(rng, batch_size)["image"])
-    state = training.create_train_state(model, variables, optax.sgd(0.3, momentum=0.9), mesh, model_ema=True)
-    step = training.make_train_step(mesh, ema_schedule=schedule)
+    state = train_step.create_train_state(model, variables, optax.sgd(0.3, momentum=0.9), mesh, model_ema=True)
+    step = train_step.make_train_step(mesh, ema_schedule=schedule)
     weights = [_host(state.variables)]  # AveragedModel deep-copies the model as it is
     for _ in range(epochs * steps_per_epoch):
         state, _ = step(state, parallel.to_global(_batch(rng, batch_size), mesh))
@@ -201,8 +201,8 @@ def test_accumulated_micro_batches_give_the_update_of_one_large_batch():
         tx = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(schedule, momentum=0.9))
         params = {}
         for n in (1, 2):
-            state = training.create_train_state(model, jax.tree.map(jnp.copy, variables), tx, mesh)
-            step = training.make_train_step(mesh, grad_accum_steps=n)
+            state = train_step.create_train_state(model, jax.tree.map(jnp.copy, variables), tx, mesh)
+            step = train_step.make_train_step(mesh, grad_accum_steps=n)
             for batch in batches:
                 state, metrics = step(state, parallel.to_global(batch, mesh))
             assert int(state.step) == 2 and metrics["loss"].dtype == jnp.float64
@@ -220,8 +220,8 @@ def test_accumulation_updates_batchnorm_statistics_per_micro_batch():
     model = TinyNet()
     batch = _batch(np.random.default_rng(5), 8)
     variables = model.init(jax.random.key(3), batch["image"])
-    state = training.create_train_state(model, jax.tree.map(jnp.copy, variables), optax.sgd(0.0), mesh)
-    state, _ = training.make_train_step(mesh, grad_accum_steps=2)(state, parallel.to_global(batch, mesh))
+    state = train_step.create_train_state(model, jax.tree.map(jnp.copy, variables), optax.sgd(0.0), mesh)
+    state, _ = train_step.make_train_step(mesh, grad_accum_steps=2)(state, parallel.to_global(batch, mesh))
     expected = variables
     for k in range(2):
         _, updates = model.apply(expected, batch["image"][k::2], train=True, mutable=["batch_stats"])
@@ -241,8 +241,8 @@ def recipe_steps(out: str | None = None) -> list[np.ndarray]:
         model, rng = TinyNet(), np.random.default_rng(6)
         batches = [_batch(rng, 8, np.float64) for _ in range(3)]
         variables = model.init(jax.random.key(4), batches[0]["image"])
-        state = training.create_train_state(model, variables, optax.sgd(0.2, momentum=0.9), mesh, model_ema=True)
-        step = training.make_train_step(mesh, label_smoothing=0.1, mixing=mixing.Mixing(0.2, 1.0), grad_accum_steps=2,
+        state = train_step.create_train_state(model, variables, optax.sgd(0.2, momentum=0.9), mesh, model_ema=True)
+        step = train_step.make_train_step(mesh, label_smoothing=0.1, mixing=mixing.Mixing(0.2, 1.0), grad_accum_steps=2,
                                         ema_schedule=EmaSchedule(0.5, 1, 3, 0.0))
         for batch in batches:
             state, _ = step(state, parallel.to_global(batch, mesh))
@@ -296,7 +296,7 @@ def test_resume_with_the_whole_recipe_is_bit_identical(tmp_path_factory):
     assert logs[0] == [(1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "val"), (4, "val_ema")]
     assert logs[1] == [(1, "train"), (2, "train"), (2, "val"), (2, "val_ema"), (3, "train"), (4, "train"), (4, "val"),
                        (4, "val_ema")]
-    header = load_weights(Path(straight.run_dir) / training.FINAL_WEIGHTS).metadata
+    header = load_weights(Path(straight.run_dir) / final_weights.FINAL_WEIGHTS).metadata
     assert header["weights"] == "ema" and header["val_top1"] == straight.ema_metrics["top1"]
     assert header["ema_decay"] == pytest.approx(1 - min(1.0, 2e-5 * 16 * 2 / 2))
 
@@ -316,7 +316,8 @@ def test_recipe_sets_torchvisions_v2_settings_that_flags_override_and_config_jso
             assert getattr(config, key) == value, key
     assert config.lr * config.batch_size / 256 == pytest.approx(0.5)  # torchvision: --lr 0.5, 8 GPUs x 128
     assert (config.image_size, config.val_resize_size, config.val_crop_size) == (176, 232, 224)
-    assert config.data_config().eval_resize == 232 and config.data_config().eval_crop == 224
+    sizes = config.data_config().eval_transform
+    assert (sizes.resize_size, sizes.crop_size) == (232, 224)
     (tmp_path / CONFIG_FILE).write_text(config.to_json())
     assert resolve(config_from_args(["--config", str(tmp_path / CONFIG_FILE)])) == config
     recorded = json.loads(config.to_json())
@@ -329,7 +330,7 @@ def test_the_default_run_turns_none_of_the_recipe_on():
             config.model_ema, config.grad_accum_steps, config.multi_label) == (None, None, 0.0, 0.0, 0.0, False, 1,
                                                                                  False)
     assert (config.val_crop_size, config.val_resize_size) == (config.image_size, 18)  # the 256/224 rule, as before
-    assert training.ema_schedule(config, 45) is None
+    assert ema.schedule_of(config, 45) is None
 
 
 @pytest.mark.parametrize("overrides, message", [

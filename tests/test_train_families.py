@@ -14,6 +14,7 @@ from torch_oracle import one_per_family
 import jaxnets
 from jaxnets import training
 from jaxnets.config import TrainConfig, resolve
+from jaxnets.final_weights import FINAL_WEIGHTS
 from jaxnets.run_io import METRICS_FILE, read_metrics
 from jaxnets.weights import load_weights
 
@@ -38,7 +39,7 @@ def test_first_model_of_each_family_trains_on_digits_at_its_default_size(name, t
     losses = [r["loss"] for r in read_metrics(result.run_dir / METRICS_FILE) if r["split"] == "train"]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert math.isfinite(result.metrics["loss"]) and 0 <= result.metrics["top1"] <= 1
-    weights = load_weights(result.run_dir / training.FINAL_WEIGHTS)
+    weights = load_weights(result.run_dir / FINAL_WEIGHTS)
     assert weights.name == name
     assert weights.metadata["eval_transform"]["crop_size"] == DIGITS_SIZE.get(family, 16)
     shutil.rmtree(result.run_dir)  # VGG's weights and checkpoints: 1.4 GB

@@ -18,16 +18,18 @@ import torch
 from flax import linen as nn
 from flax import traverse_util
 
-from jaxnets import GoogLeNetOutputs, checkpointing, parallel, training
+from jaxnets import GoogLeNetOutputs, checkpointing, evaluation, host, losses, optimization, parallel, probe, training
+from jaxnets import train_step as train_step_lib
 from jaxnets.config import TrainConfig, resolve
 from jaxnets.data import load_dataset
 from jaxnets.run_io import CONFIG_FILE, METRICS_FILE, read_metrics
+from jaxnets.run_setup import setup
 
 # Three digit classes at 16 px, batch 16: 26 steps per epoch, seconds per step on a CPU.
 TINY = TrainConfig(model="resnet18", classes=(0, 1, 2), batch_size=16, epochs=2, log_every=1, progress=False)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     cache = str(tmp_path_factory.getbasetemp() / "jax_cache")  # shared by this session's runs: fewer compiles
 
@@ -35,6 +37,16 @@ def tiny(tmp_path_factory):
         workdir = tmp_path_factory.mktemp(name)
         return dataclasses.replace(TINY, workdir=str(workdir), compile_cache=cache, **overrides)
     return make
+
+
+@pytest.fixture(scope="module")
+def straight(tiny):
+    """An uninterrupted 6-step run: the reference of the resumed ones, and a workdir other runs must not take."""
+    config = tiny("straight", steps=6)
+    before = jax.config.jax_compilation_cache_dir
+    result = training.train_and_evaluate(config)
+    host.setup_compilation_cache(before or "")  # as conftest's fixture does for each test
+    return config, result
 
 
 def _params(result) -> list[np.ndarray]:
@@ -46,7 +58,7 @@ def test_compilation_cache_follows_the_last_setting(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
 
     def compile_in(directory: Path | str, name: str) -> None:
-        training.setup_compilation_cache(str(directory))
+        host.setup_compilation_cache(str(directory))
         function = lambda x: x * len(name)  # noqa: E731 - a fresh function: a new compilation
         function.__name__ = name
         jax.jit(function)(np.ones(3, np.float32))
@@ -63,7 +75,7 @@ def test_compilation_cache_follows_the_last_setting(tmp_path):
 def test_cross_entropy_matches_torch(smoothing):
     rng = np.random.default_rng(0)
     logits, labels = rng.normal(size=(6, 10)).astype(np.float32), rng.integers(0, 10, 6)
-    ours = training.cross_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(labels), smoothing)
+    ours = losses.cross_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(labels), smoothing)
     assert ours.dtype == jnp.float32
     reference = torch.nn.functional.cross_entropy(torch.from_numpy(logits).bfloat16().float(), torch.from_numpy(labels),
                                                   label_smoothing=smoothing, reduction="none")
@@ -72,7 +84,7 @@ def test_cross_entropy_matches_torch(smoothing):
 
 def test_optimizer_scales_lr_and_skips_decay_on_biases_and_batchnorm():
     config = resolve(TrainConfig(model="resnet18", batch_size=64, lr=0.4, warmup_epochs=1, weight_decay=0.1, epochs=8))
-    tx, schedule = training.make_optimizer(config, steps_per_epoch=10)
+    tx, schedule = optimization.make_optimizer(config, steps_per_epoch=10)
     assert float(schedule(10)) == pytest.approx(0.4 * 64 / 256)  # peak after warmup: linear scaling rule
     assert float(schedule(0)) == 0.0 and float(schedule(80)) == pytest.approx(0.0, abs=1e-9)
     params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
@@ -91,9 +103,9 @@ def test_layer_decay_flag_scales_each_block_by_its_depth():
     model = registry.create_model("resnet18", num_classes=3)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))["params"]
     params = jax.tree.map(lambda p: jnp.zeros(p.shape), params)
-    mask, head, frozen = training.freeze_masks(config, params)
+    mask, head, frozen = optimization.freeze_masks(config, params)
     assert frozen == () and all(jax.tree.leaves(mask))
-    tx, schedule = training.make_optimizer(config, steps_per_epoch=10, trainable_mask=mask, head_mask=head)
+    tx, schedule = optimization.make_optimizer(config, steps_per_epoch=10, trainable_mask=mask, head_mask=head)
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     lr = float(schedule(0))
     expected = jax.tree.map(lambda m, h: -lr * m * (1.0 if h else 0.5),
@@ -124,7 +136,7 @@ def test_grad_clip_is_one_global_norm_over_trainable_gradients_as_torch():
             "fc": {"kernel": True, "bias": True}}
     grads = [jax.tree.map(lambda p: 10 * rng.normal(size=p.shape).astype(np.float32), params) for _ in range(3)]
 
-    tx, schedule = training.make_optimizer(config, steps_per_epoch=10, trainable_mask=trainable, head_mask=head)
+    tx, schedule = optimization.make_optimizer(config, steps_per_epoch=10, trainable_mask=trainable, head_mask=head)
     ours = jax.tree.map(jnp.asarray, params)
     state = tx.init(ours)
     for g in grads:  # the frozen leaf's gradient is not zero here: it must still not count
@@ -192,20 +204,21 @@ def test_googlenet_aux_losses_enter_training_and_never_evaluation():
     batch = {"image": rng.normal(size=(4, 2, 2, 3)).astype(np.float32), "label": np.array([0, 1, 2, 1], np.int32)}
     variables = model.init(jax.random.key(0), batch["image"], train=True)
     out = model.apply(variables, batch["image"], train=True)
-    main, aux1, aux2 = (float(jnp.mean(training.cross_entropy(x, batch["label"])))
+    main, aux1, aux2 = (float(jnp.mean(losses.cross_entropy(x, batch["label"])))
                         for x in (out.logits, out.aux_logits1, out.aux_logits2))
     assert len({round(main, 4), round(aux1, 4), round(aux2, 4)}) == 3
     for weight in (0.3, 0.0):
-        state = training.create_train_state(model, jax.tree.map(jnp.copy, variables), optax.sgd(0.0), mesh)
-        _, metrics = training.make_train_step(mesh, aux_weight=weight)(state, parallel.to_global(batch, mesh))
+        state = train_step_lib.create_train_state(model, jax.tree.map(jnp.copy, variables), optax.sgd(0.0), mesh)
+        _, metrics = train_step_lib.make_train_step(mesh, aux_weight=weight)(state, parallel.to_global(batch, mesh))
         assert float(metrics["loss"]) == pytest.approx(main + weight * (aux1 + aux2), rel=1e-6)
-    state = training.create_train_state(model, jax.tree.map(jnp.copy, variables), optax.sgd(0.0), mesh)
-    sums = training.make_eval_step(mesh, 3)(state, parallel.to_global({**batch, "mask": np.ones(4, bool)}, mesh))
-    assert float(sums["loss"]) / 4 == pytest.approx(main, rel=1e-6)
+    state = train_step_lib.create_train_state(model, jax.tree.map(jnp.copy, variables), optax.sgd(0.0), mesh)
+    step = evaluation.make_eval_step(state.apply_fn, mesh, 3)
+    outputs = step(state.variables, parallel.to_global({**batch, "mask": np.ones(4, bool)}, mesh))
+    assert float(jnp.mean(outputs["loss"])) == pytest.approx(main, rel=1e-6)
 
 
-def test_resume_after_stop_and_after_signal_equals_uninterrupted_run(tiny, monkeypatch):
-    straight = training.train_and_evaluate(tiny("straight", steps=6))
+def test_resume_after_stop_and_after_signal_equals_uninterrupted_run(tiny, straight, monkeypatch):
+    _, straight = straight
     assert straight.step == 6 and straight.interrupted is None
     val_size = len(load_dataset(resolve(TINY).data_config()).val)
     assert val_size % TINY.batch_size and straight.metrics["count"] == val_size  # whole set, last batch padded
@@ -300,15 +313,15 @@ def test_a_resumed_run_logs_each_evaluation_once_and_keeps_the_best(tiny):
     training.train_and_evaluate(dataclasses.replace(config, steps=steps_per_epoch + 1, checkpoint_every=1))
     records = read_metrics(f"{config.workdir}/{METRICS_FILE}")
     assert [r["step"] for r in records if r["split"] == "val"] == [steps_per_epoch, steps_per_epoch + 1]
-    checkpointer = training.Checkpointer(f"{config.workdir}/checkpoints", keep=1)
+    checkpointer = checkpointing.Checkpointer(f"{config.workdir}/checkpoints", keep=1)
     assert checkpointer.has_metrics(steps_per_epoch + 1)  # the last step was saved with its evaluation
 
 
-def test_workdir_of_another_run_is_refused_and_left_as_it_was(tiny):
-    config = tiny("other", steps=1)
-    training.train_and_evaluate(config)
+def test_workdir_of_another_run_is_refused_and_left_as_it_was(straight):
+    config, _ = straight
     saved_config = (Path(config.workdir) / CONFIG_FILE).read_text()
-    with pytest.raises(ValueError, match=r"holds a checkpoint \(step 1\) of a different run: model='resnet18'"):
+    saved_metrics = read_metrics(f"{config.workdir}/{METRICS_FILE}")
+    with pytest.raises(ValueError, match=r"holds a checkpoint \(step 6\) of a different run: model='resnet18'"):
         training.train_and_evaluate(dataclasses.replace(config, model="resnet34"))
     # Settings that change the optimizer state's structure are part of what a run is, too.
     with pytest.raises(ValueError, match=r"of a different run: optimizer='sgd' \(this run: 'adamw'\)"):
@@ -319,13 +332,13 @@ def test_workdir_of_another_run_is_refused_and_left_as_it_was(tiny):
         training.train_and_evaluate(dataclasses.replace(config, val_fraction=0.3))  # would validate on trained images
     with pytest.raises(ValueError, match=r"of a different run: 26 steps per epoch \(this run: 27; the dataset, "
                                          r"or the number of processes sharing it, changed\)"):
-        training._check_resumable(training.Checkpointer(f"{config.workdir}/checkpoints"), training.setup(config)[0], 27)
-    assert training.Checkpointer(f"{config.workdir}/checkpoints").latest_step() == 1  # untouched
+        training._check_resumable(checkpointing.Checkpointer(f"{config.workdir}/checkpoints"), setup(config)[0], 27)
+    assert checkpointing.Checkpointer(f"{config.workdir}/checkpoints").latest_step() == 6  # untouched
     assert (Path(config.workdir) / CONFIG_FILE).read_text() == saved_config
     # A linear probe would overwrite the run's logs.
     with pytest.raises(ValueError, match=r"holds a training run; a linear probe would overwrite its logs"):
-        training.run_linear_probe(dataclasses.replace(config, linear_probe="logreg"))
-    assert [r["step"] for r in read_metrics(f"{config.workdir}/{METRICS_FILE}")] == [1, 1]
+        probe.run_linear_probe(dataclasses.replace(config, linear_probe="logreg"))
+    assert read_metrics(f"{config.workdir}/{METRICS_FILE}") == saved_metrics
 
 
 def test_diverged_training_stops_with_the_reason_and_saves_nothing(tiny):
@@ -333,7 +346,7 @@ def test_diverged_training_stops_with_the_reason_and_saves_nothing(tiny):
     with pytest.raises(ValueError, match=r"training diverged: loss (nan|inf) by step \d \(try a lower --lr\); "
                                          r"no checkpoint was saved"):
         training.train_and_evaluate(config)
-    assert training.Checkpointer(f"{config.workdir}/checkpoints").latest_step() is None
+    assert checkpointing.Checkpointer(f"{config.workdir}/checkpoints").latest_step() is None
     assert not (Path(config.workdir) / "final_weights.safetensors").exists()
     assert all(np.isfinite(r["loss"]) for r in read_metrics(f"{config.workdir}/{METRICS_FILE}"))
 

@@ -213,19 +213,19 @@ def test_convert_cli_weights_flag(hub, resnet50_files, capsys):
 
 
 def test_train_pretrained_takes_a_version_name(hub, resnet50_files, tmp_path, capsys, monkeypatch):
-    from jaxnets import training
+    from jaxnets import run_setup
 
     config = train_cli.config_from_args(["--model", "resnet50", "--pretrained", "IMAGENET1K_V2",
                                          "--workdir", str(tmp_path / "run")])
     assert config.pretrained == "IMAGENET1K_V2"
     assert train_cli.config_from_args(["--model", "resnet50", "--pretrained"]).pretrained == "IMAGENET1K_V1"
     # An unknown name fails at once, before any data is read.
-    monkeypatch.setattr(training, "load_dataset", lambda *args, **kwargs: pytest.fail("data loaded"))
+    monkeypatch.setattr(run_setup, "load_dataset", lambda *args, **kwargs: pytest.fail("data loaded"))
     assert train_cli.main(["--model", "resnet18", "--pretrained", "IMAGENET1K_V2", "--workdir", str(tmp_path)]) == 1
     assert capsys.readouterr().err == ("jaxnets-train: error: resnet18: no weights named 'IMAGENET1K_V2'; "
                                        "torchvision's for resnet18: IMAGENET1K_V1 (DEFAULT = IMAGENET1K_V1)\n")
     mesh = parallel.make_mesh()
-    _, variables, note = training.build_model(config, 3, mesh)
+    _, variables, note = run_setup.build_model(config, 3, mesh)
     assert "torchvision's IMAGENET1K_V2" in note and "re-initialized fc for 3 classes" in note
     expected = expected_variables(resnet50_files["IMAGENET1K_V2"])
     flat = trees.flatten(parallel.to_host(variables))
@@ -233,7 +233,7 @@ def test_train_pretrained_takes_a_version_name(hub, resnet50_files, tmp_path, ca
     assert flat["params/fc/kernel"].shape == (2048, 3)
     # The value earlier versions recorded for --pretrained without a name is still IMAGENET1K_V1.
     legacy = dataclasses.replace(config, pretrained="default")
-    assert "torchvision's IMAGENET1K_V1" in training.build_model(legacy, 3, mesh)[2]
+    assert "torchvision's IMAGENET1K_V1" in run_setup.build_model(legacy, 3, mesh)[2]
     assert hub[-1] == jaxnets.get_spec("resnet50").weights.url
 
 

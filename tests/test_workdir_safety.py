@@ -21,9 +21,10 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from jaxnets import create_model, locks, predict, save_weights, trees
+from jaxnets import create_model, locks, save_weights, trees
 from jaxnets.checkpointing import PARTIAL_MARK
 from jaxnets.cli import convert
+from jaxnets.cli import predict as predict_cli
 from jaxnets.fileio import storage_errno
 from jaxnets.weights import fileformat, load_weights
 from jaxnets.weights.pretrained import cache_writer, cached_weights_path
@@ -120,7 +121,7 @@ def test_the_weights_cache_has_one_writer_and_readers_are_never_blocked(capsys, 
             pass  # another entry's lock is free
         image = tmp_path / "image.png"
         Image.new("RGB", (40, 40), (90, 120, 30)).save(image)
-        assert predict.main(["--model", "resnet18", "--weights", str(weights), str(image)]) == 0
+        assert predict_cli.main(["--model", "resnet18", "--weights", str(weights), str(image)]) == 0
     finally:
         holder.kill()
         holder.wait()
@@ -168,8 +169,10 @@ def test_storage_errors_are_recognized_in_the_forms_libraries_give_them():
                              "to write 914457 bytes to file 11: No space left on device [os_error_code='28']")
     assert storage_errno(tensorstore) == errno.ENOSPC
     safetensors = RuntimeError('Error while serializing: IoError(Os { code: 13, kind: PermissionDenied, message: '
-                               '"Permission denied" })')
+                               '"Permission denied" })')  # an older safetensors
     assert storage_errno(safetensors) == errno.EACCES
+    safetensors = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert storage_errno(safetensors) == errno.ENOSPC
     wrapped = RuntimeError("save failed")
     wrapped.__cause__ = OSError(errno.EIO, "Input/output error")
     assert storage_errno(wrapped) == errno.EIO

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import host, layers
+from jaxnets import host, kernels, layers
 from jaxnets.benchmark.timing import num_threads, time_calls, torchvision_model
 from jaxnets.errors import UserError
 
@@ -99,12 +99,12 @@ def _jax_calls(layer: ConvLayer, x: np.ndarray, dy: np.ndarray) -> tuple[Callabl
     x, dy = jnp.asarray(x), jnp.asarray(dy)
     params = module.init(jax.random.key(0), x)
     options = host.xla_cpu_options()
-    forward = jax.jit(module.apply, compiler_options=options)
+    forward = jax.jit(kernels.bind(module.apply), compiler_options=options)
 
     def gradients(params, x, dy):
         params_grad, x_grad = jax.vjp(module.apply, params, x)[1](dy)
         return (params_grad, x_grad) if layer.input_grad else params_grad
-    backward = jax.jit(gradients, compiler_options=options)
+    backward = jax.jit(kernels.bind(gradients), compiler_options=options)
     return (lambda: forward(params, x).block_until_ready(),
             lambda: jax.block_until_ready(backward(params, x, dy)))
 

@@ -217,7 +217,6 @@ def tree_bytes(tree: Any) -> int:
 def run(args: argparse.Namespace) -> tuple[list[Row], dict]:
     import jax
 
-    from jaxnets import training
     from jaxnets.benchmark import models
 
     budget = Budget(args.budget_s)
@@ -243,9 +242,9 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict]:
     headline = Row(f"{args.model} train (headline)", "bfloat16", args.batch_size, size(args.model))
     rows.append(headline)
     with tempfile.TemporaryDirectory(prefix="jaxnets-gpu-cache-") as cache:
-        training.setup_compilation_cache(cache)
+        host.setup_compilation_cache(cache)
         setup = time_jax(headline, args.model, "train", args.warmup, args.iters)
-        training.setup_compilation_cache("")  # the other compiles stay cold (and the cache deletable)
+        host.setup_compilation_cache("")  # the other compiles stay cold (and the cache deletable)
         state_bytes = tree_bytes(setup.state().arrays()) if setup else None
         step_bytes = models.step_memory(setup.compiled) if setup else None
         setup = None
@@ -312,7 +311,7 @@ def _warm_first_step(name: str, mode: str, row: Row, cache: str) -> dict:
     """The first step of a fresh process on the persistent cache the headline's compile filled."""
     command = [sys.executable, "-m", "jaxnets.benchmark", "--first-step", "--model", name, "--mode", mode,
                "--batch-size", str(row.batch), "--image-size", str(row.image_size), "--dtype", row.dtype,
-               "--cache-dir", cache, "--system-malloc"]
+               "--cache-dir", cache, "--system-malloc", "--kernels", kernels.current().setting()]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:

@@ -2,8 +2,8 @@
 as it is and limited to AVX2: the measurement behind ``jaxnets.kernels.CPU_CHOICES``.
 
 One process per CPU limit builds jaxnets' training step and eval forward (``jaxnets.benchmark.models``) once
-for each ``--kernels`` setting (every tuned variant, none, and every tuned variant but one; the setting is
-read when a step is traced), and torchvision's eager step, then times them all in turns, round after round.
+for each ``--kernels`` setting (every tuned variant, none, and every tuned variant but one; each step is built
+under its setting, ``kernels.using``), and torchvision's eager step, then times them all in turns, round after round.
 A machine whose load changes (other jobs on a shared CPU) slows the calls of a round alike, so the table gives
 the median over rounds of each round's ratio: every setting against torchvision, and against all tuned.
 An AVX2-only CPU is emulated on an AVX-512 one by limiting both libraries: ``XLA_FLAGS=--xla_cpu_max_isa=AVX2``
@@ -65,9 +65,9 @@ def measure(labels: Sequence[str], args: argparse.Namespace) -> dict:
     for mode in MODES:
         calls, kernel_lines = [], {}
         for label in labels:
-            os.environ[kernels.ENV_VARIABLE] = settings[label]  # read while setup_jax traces the step
-            calls.append(models.setup_jax(args.model, mode, images, labels_, models.DTYPES["float32"]).call)
-            kernel_lines[label] = kernels.current().describe()
+            with kernels.using(settings[label], source="--kernels") as choice:  # setup_jax builds the step under it
+                calls.append(models.setup_jax(args.model, mode, images, labels_, models.DTYPES["float32"]).call)
+            kernel_lines[label] = choice.describe()
         calls.append(models.setup_torch(args.model, mode, images, labels_, "float32", num_threads()))
         times = time_interleaved(calls, args.warmup, args.iters)
         result[mode] = dict(zip([*labels, "torch"], times, strict=True))

@@ -10,7 +10,7 @@ cost analysis against a large matmul timed in the same run.
     python -m jaxnets.benchmark --model vgg16 --conv-layers    # where: each convolution alone
     python -m jaxnets.benchmark --model resnet50 --batch-size 64 --mode train --remat   # gradient checkpointing
 
-What is timed is ``jaxnets.training``'s jitted, state-donating train step (SGD, momentum 0.9; with
+What is timed is ``jaxnets.train_step``'s jitted, state-donating train step (SGD, momentum 0.9; with
 ``probe`` the backbone frozen as ``--freeze backbone`` does) or the jitted eval forward, after
 warm-up (median of ``--iters`` calls, each ending in ``jax.block_until_ready``), against torch's
 ``train()`` step (forward, cross-entropy, backward, SGD with momentum) and ``eval()`` +
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import errors, host, kernels, parallel, training, transfer
+from jaxnets import errors, host, kernels, parallel, train_step, transfer
 from jaxnets.benchmark import conv_timing
 from jaxnets.benchmark.timing import num_threads, time_interleaved, torchvision_model
 from jaxnets.config import check_image_size
@@ -52,7 +52,7 @@ from jaxnets.models.googlenet import AUX_WEIGHT
 from jaxnets.registry import create_model, get_spec, list_models
 
 # What error lines start with and the report's command line names when no entry point says otherwise
-# (``jaxnets.benchmark.__main__`` passes the command the user ran).
+# (``jaxnets.cli.benchmark`` passes the command the user ran).
 PROG = "python -m jaxnets.benchmark"
 
 MODES = ("train", "infer", "probe")
@@ -170,17 +170,17 @@ def setup_jax(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtyp
               learning_rate: float = 0.01, *, remat: bool = False, remat_options: bool = True) -> JaxSetup:
     """The model, its variables and the jitted step for ``mode``, compiled (and the compile timed).
 
-    Training is ``jaxnets.training``'s step (data-parallel over all devices, state donated) with SGD
+    Training is ``jaxnets.train_step``'s step (data-parallel over all devices, state donated) with SGD
     and momentum 0.9; ``probe`` freezes the backbone with ``jaxnets.transfer``, as ``--freeze backbone``.
     ``remat``: the model built with gradient checkpointing, its step compiled as ``train.py --remat`` does
     (with ``remat_compiler_options``; without them when not ``remat_options``).
     """
     model = create_model(name, dtype=dtype, **({"remat": True} if remat else {}))
     mesh = parallel.make_mesh()
-    variables = training.init_variables(model, images.shape[1], 0, mesh)
+    variables = train_step.init_variables(model, images.shape[1], 0, mesh)
     batch = parallel.to_global({"image": images, "label": labels.astype(np.int32)}, mesh)
     if mode == "infer":
-        step = jax.jit(partial(model.apply, train=False), compiler_options=host.xla_cpu_options())
+        step = jax.jit(kernels.bind(partial(model.apply, train=False)), compiler_options=host.xla_cpu_options())
         start = time.perf_counter()
         lowered = step.lower(variables, batch["image"])
         compiled = lowered.compile()
@@ -191,11 +191,11 @@ def setup_jax(name: str, mode: str, images: np.ndarray, labels: np.ndarray, dtyp
     sgd = optax.sgd(learning_rate, momentum=0.9)
     if mode == "probe":
         mask = transfer.trainable_mask(name, variables["params"], "backbone")
-        state = training.create_train_state(model, variables, transfer.build_optimizer(sgd, mask), mesh, seed=1,
+        state = train_step.create_train_state(model, variables, transfer.build_optimizer(sgd, mask), mesh, seed=1,
                                             frozen_norm=transfer.frozen_modules(name, mask), trainable_mask=mask)
     else:
-        state = training.create_train_state(model, variables, sgd, mesh, seed=1)
-    step = training.make_train_step(mesh, aux_weight=AUX_WEIGHT, remat=remat and remat_options)
+        state = train_step.create_train_state(model, variables, sgd, mesh, seed=1)
+    step = train_step.make_train_step(mesh, aux_weight=AUX_WEIGHT, remat=remat and remat_options)
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     compiled = lowered.compile()
@@ -494,13 +494,14 @@ def compile_cache_times(name: str, mode: str, batch_size: int, image_size: int, 
     """Run the same first step in two fresh processes sharing a compilation cache: cold, then warm.
 
     Returns ``{'cold': {...}, 'warm': {...}}``, each with ``first_step_s``, ``compile_s`` and
-    ``process_s`` (the whole process, Python and JAX start-up included).
+    ``process_s`` (the whole process, Python and JAX start-up included). The children build their steps under
+    this process's kernel choice (``--kernels``).
     """
     with tempfile.TemporaryDirectory(prefix="jaxnets-cache-") as fresh:
         cache = os.fspath(cache_dir or fresh)
         command = [sys.executable, "-m", "jaxnets.benchmark", "--first-step", "--model", name, "--mode", mode,
                    "--batch-size", str(batch_size), "--image-size", str(image_size), "--dtype", dtype,
-                   "--cache-dir", cache]
+                   "--cache-dir", cache, "--kernels", kernels.current().setting()]
         times = {}
         for run in ("cold", "warm"):
             start = time.perf_counter()
@@ -663,9 +664,9 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.
     args = parser.parse_args(argv)
     if args.kernels is not None:
         try:
-            kernels.parse_setting(args.kernels)
+            kernels.parse_setting(args.kernels, "--kernels")
         except UserError as error:
-            parser.error(f"--kernels: {error}")
+            parser.error(str(error))
     for flag in ("batch_size", "image_size", "iters"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -733,11 +734,16 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
 
 def _run(args: argparse.Namespace, command: str, prog: str) -> int:
     configure_xla_flags()  # before anything below starts JAX's backend
-    if args.kernels is not None:  # read when a model is traced; children (the cache check) inherit it
-        os.environ[kernels.ENV_VARIABLE] = args.kernels
+    if args.kernels is None:  # the process default: JAXNETS_KERNELS, else auto
+        return _run_under_kernels(args, command, prog)
+    with kernels.using(args.kernels, source="--kernels"):  # every step below is built under it
+        return _run_under_kernels(args, command, prog)
+
+
+def _run_under_kernels(args: argparse.Namespace, command: str, prog: str) -> int:
     # Both libraries run under the same allocator settings: the comparison stays fair either way.
     retained = not args.system_malloc and host.retain_freed_memory()
-    training.setup_compilation_cache(os.fspath(args.cache_dir) if args.cache_dir else None)
+    host.setup_compilation_cache(os.fspath(args.cache_dir) if args.cache_dir else None)
     if args.first_step:
         mode = MODE_CHOICES[args.mode][0]
         print(json.dumps(first_step(args.model, mode, args.batch_size, args.image_size, args.dtype)))

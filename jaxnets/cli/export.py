@@ -96,7 +96,7 @@ def _weights_path(weights: str | None) -> str | None:
     """A run directory stands for its final weights; anything else is passed on as it is."""
     if weights is None or not Path(weights).is_dir():
         return weights
-    from jaxnets.training import FINAL_WEIGHTS  # the name train.py gives them
+    from jaxnets.final_weights import FINAL_WEIGHTS  # the name train.py gives them
 
     final = Path(weights) / FINAL_WEIGHTS
     if not final.is_file():

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxnets import errors, host
-from jaxnets.config import TrainConfig, recipe_settings
+from jaxnets.config import TrainConfig, flag_name, recipe_settings
 
 CONFIG_FLAG = "--config"
 
@@ -50,7 +50,7 @@ def _flag_arguments(field: dataclasses.Field, hint: Any) -> tuple[str, dict[str,
     plus what its ``setting`` metadata states (help, choices, a parser, ``auto`` defaults)."""
     meta = field.metadata
     kwargs: dict[str, Any] = dict(meta["argparse"])
-    flag = "--" + field.name.replace("_", "-")
+    flag = flag_name(field.name)
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     base = next(o for o in options if o is not type(None))
     help_text = meta["help"]() if callable(meta["help"]) else meta["help"]
@@ -58,7 +58,7 @@ def _flag_arguments(field: dataclasses.Field, hint: Any) -> tuple[str, dict[str,
     if base is bool and field.default is None:
         kwargs["action"] = argparse.BooleanOptionalAction  # --hflip / --no-hflip; neither: resolved
     elif base is bool and field.default:
-        flag, kwargs["action"], kwargs["dest"] = f"--no-{field.name.replace('_', '-')}", "store_false", field.name
+        flag, kwargs["action"], kwargs["dest"] = f"--no-{flag[2:]}", "store_false", field.name
         help_text = f"no {help_text}" if help_text else ""
     elif base is bool:
         kwargs["action"] = "store_true"
@@ -136,10 +136,12 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
 
 
 def _run(config: TrainConfig) -> int:
+    if config.linear_probe:
+        from jaxnets import probe
+
+        probe.run_linear_probe(config)
+        return 0
     from jaxnets import training
 
-    if config.linear_probe:
-        training.run_linear_probe(config)
-        return 0
     result = training.train_and_evaluate(config)
     return 128 + result.interrupted if result.interrupted else 0

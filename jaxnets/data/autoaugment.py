@@ -23,6 +23,7 @@ import numpy as np
 from jaxnets.data.lazy_tf import tf
 
 POLICIES = ("ra", "ta_wide", "imagenet")  # --auto-augment: torchvision's reference names
+CHANNELS = (1, 3)  # the channel counts the policies take: gray or RGB, as torchvision's
 MAGNITUDE_BINS = 31  # RandAugment's and TrivialAugmentWide's num_magnitude_bins
 RA_NUM_OPS = 2  # RandAugment's num_ops
 AA_MAGNITUDE_BINS = 10  # AutoAugment's

@@ -1,8 +1,8 @@
 """Source: a folder of images in class subfolders, ``root/<class>/<image>``, with ``train/`` and ``val/`` (or
 ``validation/``) split folders or without (then validation is held out of each class). Files that
-TensorFlow could not decode are skipped when the folder is scanned, and reported. Examples may also be ``.npy``
-arrays ``(H, W, C)`` (``arrays``): any number of channels, where image files give 1 (``in_chans=1``, read as
-grayscale) or 3 (RGB)."""
+TensorFlow cannot decode are skipped when the folder is scanned (each is decoded once, ``image_checks``), and
+reported. Examples may also be ``.npy`` arrays ``(H, W, C)`` (``arrays``): any number of channels, where image
+files give 1 (``in_chans=1``, read as grayscale) or 3 (RGB)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxnets.data.arrays import ARRAY_EXTENSION, check_array, is_array_file
 from jaxnets.data.config import DataConfig, DataError
-from jaxnets.data.image_checks import check_image
+from jaxnets.data.image_checks import check_images
 from jaxnets.data.indexed import IndexedSplit
 from jaxnets.data.labels import SPLIT_SEED, held_out
 from jaxnets.data.split import Source
@@ -137,10 +137,11 @@ def _scan(root: Path, class_names: Sequence[str], in_chans: int = 3) -> tuple[In
 
 
 def file_problems(paths: Sequence[str], in_chans: int) -> list[str | None]:
-    """For each example file, why it cannot be read (None when it can): image files by ``check_image``, ``.npy``
-    arrays by ``check_array``; checked in parallel (the checks read files)."""
-    def check(path: str) -> str | None:
-        return check_array(path, in_chans) if is_array_file(path) else check_image(path)
-
+    """For each example file, why it cannot be read (None when it can): image files decoded as the pipeline
+    will decode them (``check_images``), ``.npy`` arrays by ``check_array`` (a few threads: they read files)."""
+    arrays = [path for path in paths if is_array_file(path)]
+    images = [path for path in paths if not is_array_file(path)]
     with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(check, paths))
+        problems = dict(zip(arrays, pool.map(lambda path: check_array(path, in_chans), arrays), strict=True))
+    problems.update(zip(images, check_images(images, in_chans), strict=True))
+    return [problems[path] for path in paths]

@@ -54,13 +54,7 @@ class IndexedSplit(Split):
         return self._load(order[start_step:, columns].ravel(), positions[start_step:, columns].ravel())
 
     def eval_examples(self, batch_size: int, shard: Shard) -> tf.data.Dataset:
-        total = shard.local(batch_size) * shard.count
-        num_batches = -(-len(self) // total)
-        index = np.arange(num_batches * total)
-        mask = index < len(self)
-        rows = np.where(mask, index, 0).reshape(num_batches, total)
-        columns = _columns(batch_size, shard)
-        return self._load(rows[:, columns].ravel(), mask.reshape(num_batches, total)[:, columns].ravel())
+        return self._load(*padded_layout(len(self), shard.local(batch_size), shard))
 
     def relabel(self, label_map: np.ndarray) -> IndexedSplit:
         keep = label_map[self.labels] >= 0
@@ -74,6 +68,20 @@ class IndexedSplit(Split):
         load = self.loader()
         ds = tf.data.Dataset.from_tensor_slices((index, extra))
         return ds.map(lambda i, x: (*load(i), x), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def padded_layout(size: int, local: int, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+    """``(example index, real)`` of this process's rows of every global batch (``local`` rows per process) over
+    ``size`` examples: global batch ``b`` holds examples ``b * B ... b * B + B - 1``, the last one padded with
+    masked fillers (example 0), so every example counts once and every process has the same number of batches.
+    ``train.py``'s evaluation and ``jaxnets-evaluate``'s PIL pipeline both lay batches out so."""
+    total = local * shard.count
+    num_batches = -(-size // total)
+    index = np.arange(num_batches * total)
+    mask = index < size
+    rows = np.where(mask, index, 0).reshape(num_batches, total)
+    columns = _columns(local * shard.count, shard)
+    return rows[:, columns].ravel(), mask.reshape(num_batches, total)[:, columns].ravel()
 
 
 def _columns(batch_size: int, shard: Shard) -> slice:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from jaxnets.data import digits, folder, multilabel, tfds
+from jaxnets.data import digits, folder, multilabel_folder, tfds
 from jaxnets.data.config import DataConfig, DataError, TooFewExamples, check_config
 from jaxnets.data.dataset import Dataset
 from jaxnets.data.labels import check_classes, keep_classes
@@ -21,7 +21,7 @@ Loader = Callable[[DataConfig, int], Source]  # (config, process count) -> the d
 
 SOURCES: tuple[tuple[Recognizer, Loader], ...] = (
     (digits.recognizes, digits.load),  # 'digits'
-    (multilabel.recognizes, multilabel.load),  # --multi-label: a folder with a labels.csv
+    (multilabel_folder.recognizes, multilabel_folder.load),  # --multi-label: a folder with a labels.csv
     (folder.recognizes, folder.load),  # an existing folder, or a name that can only be a path
     (tfds.recognizes, tfds.load),  # any other name: last
 )

@@ -59,7 +59,8 @@ def policy_and_erasing(config: DataConfig) -> Callable[[tf.Tensor, tf.Tensor], t
 
 def eval_transform(config: DataConfig) -> Callable[[tf.Tensor], tf.Tensor]:
     """``uint8 image -> normalized float32 image``: torchvision's resize of the shorter side and center crop."""
-    return lambda image: normalize(center_crop(resize_shorter(image, config.eval_resize), config.eval_crop), config)
+    sizes = config.eval_transform
+    return lambda image: normalize(center_crop(resize_shorter(image, sizes.resize_size), sizes.crop_size), config)
 
 
 def normalize(image: tf.Tensor, config: DataConfig) -> tf.Tensor:

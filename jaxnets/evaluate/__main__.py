@@ -1,90 +1,10 @@
-"""``jaxnets-evaluate`` / ``python -m jaxnets.evaluate``: flags -> ``EvalConfig`` -> ``evaluate``.
+"""``python -m jaxnets.evaluate``: ``jaxnets-evaluate`` from anywhere (see ``jaxnets.cli.evaluate``)."""
 
-A user error (a missing file, an unknown dataset, classes that match none of the model's) is one line on
-stderr and exit status 1; anything else is a bug and keeps its traceback (``jaxnets.errors.run_cli``).
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from collections.abc import Sequence
 
 from jaxnets import errors
-from jaxnets.data.pil_eval import WORKER_KINDS
-from jaxnets.evaluate.inputs import PREPROCESS, SPLITS
-from jaxnets.evaluate.run import DEFAULT_BATCH, EvalConfig, evaluate
-from jaxnets.registry import DEFAULT_WEIGHTS
-
-DESCRIPTION = ("Evaluate weights on a dataset: top-1, top-5, loss, per-class accuracy, confusion matrix, and every "
-               "image's top-5 in eval.json.")
-EXAMPLES = """\
-    {cmd} --model resnet50 --pretrained IMAGENET1K_V2 --dataset ~/imagenet/val   # 1000 synset folders
-    {cmd} --model resnet50 --pretrained --dataset imagenet2012 --data-dir ~/tensorflow_datasets
-    {cmd} --weights runs/resnet18-flowers            # a train.py run: its final weights on its dataset
-    {cmd} --weights my_resnet18.safetensors --dataset photos/ --preprocess tf
-
-Class folders are matched to the model's outputs by name: ImageNet's synset folders (n01440764, ...) to
-ImageNet's outputs, a fine-tuned model's recorded class names to its own. --preprocess torchvision (the default
-for torchvision's weights) decodes and resizes with PIL exactly as torchvision's weights.transforms(); tf is
-train.py's tf.data pipeline (the default for train.py's weights).
-"""
-
-
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
-                                     epilog=EXAMPLES.format(cmd=errors.command("evaluate")),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model name (see jaxnets.list_models()); with --weights, read from the file")
-    parser.add_argument("--weights", metavar="FILE|RUN_DIR",
-                        help="a jaxnets weights file, or a train.py run directory (its final weights, and by default "
-                             "its dataset)")
-    parser.add_argument("--pretrained", nargs="?", const=DEFAULT_WEIGHTS, metavar="NAME",
-                        help=f"torchvision's weights by name (no value: {DEFAULT_WEIGHTS}; IMAGENET1K_V2; DEFAULT is "
-                             "torchvision's alias for its best), from the cache, converted on first use")
-    parser.add_argument("--dataset", help="a folder of class folders (ImageNet's val layout: 1000 synset folders), "
-                                          "with train/ and val/ when present; 'digits'; or a TFDS name "
-                                          "(imagenet2012, ...)")
-    parser.add_argument("--data-dir", help="TFDS data dir (imagenet2012: the tars in DATA_DIR/downloads/manual)")
-    parser.add_argument("--split", choices=SPLITS,
-                        help="default: the validation split (a folder's val/, TFDS validation, the held-out part "
-                             "of a dataset without one); all images of a folder of class folders only")
-    parser.add_argument("--preprocess", choices=PREPROCESS,
-                        help="torchvision: PIL, identical pixels to torchvision's weights.transforms() (default for "
-                             "torchvision's and other PyTorch weights); tf: train.py's tf.data pipeline (default "
-                             "for train.py's weights)")
-    parser.add_argument("--batch-size", type=int, help=f"global batch over all devices (default {DEFAULT_BATCH}, "
-                                                       "rounded up to a multiple of the device count)")
-    parser.add_argument("--workers", type=int, help="processes (or threads) decoding and resizing images for "
-                                                    "--preprocess torchvision (default: the CPU count)")
-    parser.add_argument("--worker-kind", choices=WORKER_KINDS,
-                        help="process (scales with the cores) or thread (starts at once; PIL holds the GIL for ~15 "
-                             "%% of the work, which caps threads near 6 cores) (default: process)")
-    parser.add_argument("--devices", type=int, help="use the first N devices (default: all)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-    parser.add_argument("--output", metavar="DIR", help="where eval.json and eval_confusion_matrix.png go (default: "
-                                                        "next to the weights file; runs/eval-<weights>-<dataset> "
-                                                        "for --pretrained)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
-    prog = prog or errors.command("evaluate")
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    for flag in ("batch_size", "workers", "devices"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    config = EvalConfig(model=args.model, weights=args.weights, pretrained=args.pretrained, dataset=args.dataset,
-                        data_dir=args.data_dir, split=args.split, preprocess=args.preprocess,
-                        batch_size=args.batch_size, workers=args.workers, devices=args.devices, dtype=args.dtype,
-                        output=args.output, progress=not args.no_progress,
-                        **({"worker_kind": args.worker_kind} if args.worker_kind else {}))
-    return errors.run_cli(prog, lambda: (evaluate(config), 0)[1])
-
+from jaxnets.cli import evaluate as cli
 
 if __name__ == "__main__":
     with errors.invoked_as("evaluate", "python -m jaxnets.evaluate"):
-        sys.exit(main())
+        sys.exit(cli.main())

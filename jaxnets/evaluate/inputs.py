@@ -32,6 +32,7 @@ from jaxnets.data import (
     load_dataset,
     pil_eval,
 )
+from jaxnets.data.indexed import padded_layout
 from jaxnets.data.labels import SPLIT_SEED
 from jaxnets.eval_transform import EvalTransform
 
@@ -106,18 +107,6 @@ class EvalData:
                         f"{type(split).__name__} is none of them: use --preprocess tf")
 
 
-def padded_layout(size: int, local: int, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
-    """``(example index, real)`` of this process's rows of every global batch over ``size`` examples, as
-    ``IndexedSplit.eval_examples`` lays them out: fillers are example 0, masked."""
-    total = local * shard.count
-    num_batches = -(-size // total)
-    index = np.arange(num_batches * total)
-    mask = index < size
-    rows = np.where(mask, index, 0).reshape(num_batches, total)
-    columns = slice(shard.index * local, (shard.index + 1) * local)
-    return rows[:, columns].ravel(), mask.reshape(num_batches, total)[:, columns].ravel()
-
-
 def _padded_stream(stream: Iterator[tuple[Any, int, bool]], length: int) -> Iterator[tuple[Any, int, bool]]:
     """``stream`` padded to ``length`` with its first example, masked (a stream's length is only known per
     process; every process pads to the longest)."""
@@ -181,7 +170,7 @@ def load_eval_data(dataset: str, data_dir: str | None, split: str | None, transf
     if split is not None and split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
     config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=transform.crop_size,
-                        resize_size=transform.resize_size, in_chans=transform.in_chans, mean=transform.mean,
+                        val_resize_size=transform.resize_size, in_chans=transform.in_chans, mean=transform.mean,
                         std=transform.std,
                         batch_size=shard.count, eval_batch_size=global_batch, val_fraction=val_fraction)
     data = load_dataset(config, shard.index, shard.count)

@@ -1,53 +1,16 @@
-"""The evaluation's numbers, from each image's record (its label and its model's top-k): pure numpy, so every
-figure is a count over images that the report can show and a test can recount."""
+"""The report's tables, from each image's record (its label and its model's top-k; ``jaxnets.evaluation.Records``,
+whose ``summary`` gives top-1, top-5 and the loss): pure numpy, so every figure is a count over images that the
+report can show and a test can recount."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-TOP_K = 5  # predictions recorded per image; top-5 accuracy needs 5 outputs
+from jaxnets.evaluation import TOP_K, Records
+
 MOST_CONFUSED = 20  # (true, predicted) pairs listed
-
-
-@dataclass
-class Records:
-    """One row per evaluated image, in evaluation order: ``label`` (the model's output index of its class),
-    ``top`` (the k best outputs, best first), their softmax probabilities ``prob``, and its cross-entropy."""
-
-    label: np.ndarray  # int (N,)
-    top: np.ndarray  # int (N, k)
-    prob: np.ndarray  # float32 (N, k)
-    loss: np.ndarray  # float32 (N,)
-
-    def __len__(self) -> int:
-        return len(self.label)
-
-    @classmethod
-    def concatenate(cls, parts: Sequence[Records]) -> Records:
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("label", "top", "prob", "loss")))
-
-    @property
-    def predicted(self) -> np.ndarray:
-        return self.top[:, 0]
-
-    @property
-    def in_top5(self) -> np.ndarray:
-        return np.any(self.top[:, :TOP_K] == self.label[:, None], axis=1)
-
-
-def summary(records: Records, num_outputs: int) -> dict[str, float | int]:
-    """top-1, top-5 (with 5 outputs or more), mean cross-entropy, and the number of images."""
-    if not len(records):
-        return {"count": 0}
-    metrics: dict[str, float | int] = {"top1": float(np.mean(records.predicted == records.label))}
-    if num_outputs >= TOP_K:
-        metrics["top5"] = float(np.mean(records.in_top5))
-    metrics["loss"] = float(np.mean(records.loss, dtype=np.float64))
-    metrics["count"] = len(records)
-    return metrics
 
 
 def per_class(records: Records, names: Sequence[str], num_outputs: int) -> list[dict]:

@@ -11,6 +11,7 @@ from typing import Any
 from jaxnets.eval_transform import EvalTransform
 from jaxnets.evaluate import metrics as m
 from jaxnets.evaluate.inputs import EvalData
+from jaxnets.evaluation import Records
 from jaxnets.fileio import write_text
 from jaxnets.run_io import plot_confusion
 
@@ -19,7 +20,7 @@ CONFUSION_FILE = "eval_confusion_matrix.png"  # not train.py's confusion_matrix.
 SHOWN_CLASSES = 30  # per-class rows printed: all up to this many classes, else the worst this many
 
 
-def build(about: dict[str, Any], names: Sequence[str], data: EvalData, records: m.Records, metrics: dict[str, Any],
+def build(about: dict[str, Any], names: Sequence[str], data: EvalData, records: Records, metrics: dict[str, Any],
           *, preprocess: str, transform: EvalTransform, images_per_second: float, seconds: float,
           devices: int) -> dict[str, Any]:
     """The content of ``eval.json``: ``about`` the weights (model, file, hashes, torchvision's version and
@@ -49,7 +50,7 @@ def build(about: dict[str, Any], names: Sequence[str], data: EvalData, records: 
     }
 
 
-def write(output: Path, payload: dict[str, Any], records: m.Records, names: Sequence[str]) -> None:
+def write(output: Path, payload: dict[str, Any], records: Records, names: Sequence[str]) -> None:
     """``eval.json`` and the confusion matrix image into ``output``."""
     write_text(output / REPORT_FILE, json.dumps(payload, indent=1) + "\n")
     if len(records):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import host, parallel, predict
+from jaxnets import evaluation, parallel, predict
 from jaxnets.data import Shard
 from jaxnets.errors import UserError
 from jaxnets.eval_transform import EvalTransform
 from jaxnets.evaluate import report
 from jaxnets.evaluate.inputs import PREPROCESS, EvalData, load_eval_data
-from jaxnets.evaluate.metrics import TOP_K, Records, summary
+from jaxnets.evaluation import TOP_K, Records, summary
+from jaxnets.final_weights import FINAL_WEIGHTS
 from jaxnets.registry import PretrainedWeights, get_spec, imagenet_categories, imagenet_wnids
 from jaxnets.run_io import CONFIG_FILE
-from jaxnets.training import FINAL_WEIGHTS, cross_entropy
 from jaxnets.weights import WeightsFile, instantiate, load_weights, open_pretrained, torchvision_weights_of
 
 DEFAULT_BATCH = 64  # global; rounded up to a multiple of the device count
@@ -163,7 +162,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
                           val_fraction=weights.run_config.get("val_fraction", 0.2))
     model, variables = instantiate(weights.file, dtype=jnp.dtype(config.dtype))
     num_outputs = weights.file.num_classes
-    step = make_eval_step(model, mesh, min(TOP_K, num_outputs))
+    step = evaluation.make_eval_step(model.apply, mesh, min(TOP_K, num_outputs))
     workers = config.workers or os.cpu_count() or 1
     start = time.perf_counter()
     records, rate = run_pass(step, jax.device_put(variables, parallel.replicated(mesh)),
@@ -198,55 +197,26 @@ def _output_dir(config: EvalConfig, weights: Weights, data: EvalData) -> Path:
     return Path(weights.file.path).parent
 
 
-def make_eval_step(model: Any, mesh: Any, k: int) -> Callable:
-    """``step(variables, batch)``: each image's label, mask, k best outputs with their probabilities and its
-    cross-entropy, replicated to every process (every process's images reach the report)."""
-
-    def step(variables: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
-        top_logits, top = jax.lax.top_k(logits, k)
-        log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-        return {"label": batch["label"], "mask": batch["mask"], "top": top, "prob": jnp.exp(top_logits - log_norm),
-                "loss": cross_entropy(logits, batch["label"])}
-
-    replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(replicated, split), out_shardings=replicated,
-                   compiler_options=host.xla_cpu_options())
-
-
 def run_pass(step: Callable, variables: Any, batches: Iterator[dict[str, np.ndarray]], mesh: Any, total: int, *,
              enabled: bool = True) -> tuple[Records, float]:
-    """Every batch through ``step`` (the next ones loading and on their way to the devices meanwhile):
-    the records of the real images, in order, and the images per second after the first batch (which
-    includes compiling)."""
+    """Every batch through ``step`` (``jaxnets.evaluation.run_pass``), with a progress bar: the records of the
+    real images, in order, and the images per second after the first batch (which includes compiling)."""
     from tqdm.auto import tqdm
 
-    parts: list[Records] = []
-    pending: deque = deque()
     bar = tqdm(total=total, unit="img", desc="evaluating", dynamic_ncols=True, disable=not enabled)
     first_done: tuple[float, int] | None = None
     done = 0
 
-    def collect(outputs: dict[str, jax.Array]) -> None:
+    def arrived(count: int) -> None:
         nonlocal first_done, done
-        out = parallel.to_host(outputs)
-        keep = out["mask"].astype(bool)
-        parts.append(Records(out["label"][keep], out["top"][keep], out["prob"][keep], out["loss"][keep]))
-        done += int(keep.sum())
-        bar.update(int(keep.sum()))
+        done += count
+        bar.update(count)
         if first_done is None:
             first_done = (time.perf_counter(), done)
 
-    for batch in parallel.prefetch_to_mesh(batches, mesh):
-        pending.append(step(variables, batch))
-        if len(pending) > 1:  # fetch the previous batch's results while this one computes
-            collect(pending.popleft())
-    while pending:
-        collect(pending.popleft())
+    records = Records.of(evaluation.run_pass(step, variables, batches, mesh, on_batch=arrived))
     bar.close()
-    records = Records.concatenate(parts) if parts else Records(*(np.zeros((0,) + s) for s in ((), (1,), (1,), ())))
     rate = 0.0
     if first_done is not None and done > first_done[1]:
         rate = (done - first_done[1]) / max(time.perf_counter() - first_done[0], 1e-9)
     return records, rate
-

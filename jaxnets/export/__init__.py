@@ -5,9 +5,9 @@
 
 Each artifact takes a batch of any size of NHWC RGB images and is checked, in a fresh process that has only its
 runtime (``runtime.py``), against the JAX function it came from. The formats' modules: ``to_stablehlo``
-(``jax.export``), ``to_onnx`` (jax2onnx), ``to_tf`` (jax2tf, the TFLite converter); ``graph`` re-traces the eval
-graph in what the converters handle; ``bundle`` writes the export directory; ``verify`` runs the check. The
-converters and runtimes are imported only when their format is asked for.
+(``jax.export``), ``to_onnx`` (jax2onnx), ``to_tf`` (jax2tf, the TFLite converter); ``bundle`` writes the export
+directory; ``verify`` runs the check. Every artifact holds XLA's own formulations of the layers (``exporter``).
+The converters and runtimes are imported only when their format is asked for.
 
 ``jaxnets.export`` (the attribute of ``jaxnets``) is the function ``export``; ``from jaxnets.export import X``
 and ``from jaxnets.export.verify import Y`` reach this package and its modules.

@@ -1,5 +1,8 @@
 """``export`` (a model) and ``export_function`` (any function of a batch of images): one export directory
 per call, its artifact written by the format's module and verified in a fresh process before it is moved in place.
+
+Every export traces XLA's own formulations (``jaxnets.kernels.bind(fn, "xla")``), whatever this machine's kernel
+choice: an artifact runs on other machines, and holds the same graph whichever machine wrote it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import jax
 from flax import linen as nn
 
+from jaxnets import kernels
 from jaxnets._version import __version__
 from jaxnets.errors import UserError
 from jaxnets.eval_transform import EvalTransform
@@ -110,6 +114,7 @@ def export_function(fn: Callable[[Any, jax.Array], Any], params: Any, format: st
     int8 weights (not held to the tolerance); ``platforms``: StableHLO's. An existing ``path`` is replaced only
     with ``force``. A missing optional dependency is a ``MissingDependency`` naming the pip extra."""
     check_format(format, int8=int8)
+    fn = kernels.bind(fn, "xla")  # traced (signature, artifact, verification) with XLA's formulations only
     path = Path(path)
     bundle.check_destination(path, force)  # before minutes of conversion
     signature = signature_of(fn, params, input_shape, input_dtype, output_names)

@@ -9,8 +9,7 @@ AlexNet, saving takes 2 s instead of 14 and the TFLite conversion 11 s instead o
 TFLite: ``tf.lite.TFLiteConverter`` legalizes the StableHLO to TFLite's builtin operators (float32, the batch
 dimension left dynamic: ``resize_tensor_input`` or the signature runner set it); optionally a second file with
 dynamic-range int8 weights (``Optimize.DEFAULT`` without a representative dataset: weights stored as int8,
-activations computed in float). The function is re-traced first (``graph.portable``): TFLite cannot legalize the
-gather that a strided slice becomes under a symbolic batch.
+activations computed in float).
 """
 
 from __future__ import annotations
@@ -23,9 +22,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.extend import core
 
 from jaxnets.export.extras import missing, require
-from jaxnets.export.graph import portable, used_inputs
 from jaxnets.export.signature import BATCH, Signature
 
 SAVED_MODEL_DIR = "saved_model"
@@ -80,7 +79,7 @@ def _save(tf: Any, fn: Callable[[Any, jax.Array], Any], params: Any, signature: 
 
     leaves, treedef = jax.tree.flatten(params)
     example = jax.ShapeDtypeStruct((1, *signature.input_shape), signature.input_dtype)
-    used = used_inputs(lambda weights, images: fn(jax.tree.unflatten(treedef, weights), images), leaves, example)
+    used = _used_inputs(lambda weights, images: fn(jax.tree.unflatten(treedef, weights), images), leaves, example)
     kept = [leaf for leaf, read in zip(leaves, used, strict=False) if read]
 
     def forward(weights: list[Any], images: Any) -> Any:
@@ -89,7 +88,7 @@ def _save(tf: Any, fn: Callable[[Any, jax.Array], Any], params: Any, signature: 
                  for leaf, read in zip(leaves, used, strict=False)]
         return fn(jax.tree.unflatten(treedef, every), images)
 
-    converted = jax2tf.convert(portable(forward), polymorphic_shapes=[None, f"({BATCH}, ...)"], with_gradient=False)
+    converted = jax2tf.convert(forward, polymorphic_shapes=[None, f"({BATCH}, ...)"], with_gradient=False)
     module = tf.Module()
     module.weights = [tf.Variable(np.asarray(leaf), trainable=False) for leaf in kept]
     names = signature.output_names
@@ -101,3 +100,12 @@ def _save(tf: Any, fn: Callable[[Any, jax.Array], Any], params: Any, signature: 
         return dict(zip(names, [outputs] if signature.single_output else outputs, strict=True))
 
     tf.saved_model.save(module, str(path), signatures={SIGNATURE: serve.get_concrete_function()})
+
+
+def _used_inputs(fn: Callable[..., Any], *args: Any) -> list[bool]:
+    """For each leaf of ``args``, whether ``fn(*args)`` reads it: GoogLeNet's eval graph never reads its aux heads'
+    weights, which the SavedModel's variables should not carry."""
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    read = {v for eqn in jaxpr.eqns for v in eqn.invars if isinstance(v, core.Var)}
+    read |= {v for v in jaxpr.outvars if isinstance(v, core.Var)}
+    return [v in read for v in jaxpr.invars]

@@ -1,0 +1,87 @@
+"""``jaxnets-predict`` (``python -m jaxnets.predict``): the top-K classes of each image, or with multi-label
+weights every class above ``--threshold``; the work is ``jaxnets.predict``.
+
+A user error (a missing weights file, backbone weights) is one line on stderr and exit status 1, as is a file
+that cannot be read as an image (the others are still classified); anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jaxnets import errors, predict
+from jaxnets.data.pil_eval import READ_ERRORS
+from jaxnets.errors import UserError
+from jaxnets.evaluation import THRESHOLD
+from jaxnets.weights import instantiate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=errors.command("predict"),
+                                     description="Top-K ImageNet (or fine-tuned) classes of each image.")
+    parser.add_argument("--model", help="model name, e.g. resnet50 (see jaxnets.list_models()); default: the one "
+                                        "the --weights file records (needed for torchvision's weights)")
+    parser.add_argument("--weights", help="jaxnets weights file, or torchvision's weights by name (IMAGENET1K_V2; "
+                                          "default: IMAGENET1K_V1), converted into the cache on first use")
+    parser.add_argument("--top", type=int, default=5, metavar="K", help="classes to show per image (default 5)")
+    parser.add_argument("--threshold", type=float, default=THRESHOLD, metavar="P",
+                        help=f"multi-label weights (train.py --multi-label): show every class whose sigmoid "
+                             f"probability reaches P, instead of the top K (default {THRESHOLD})")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top < 1 or args.batch_size < 1:
+        parser.error("--top and --batch-size must be at least 1")
+    if not 0 <= args.threshold <= 1:
+        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
+    try:
+        weights_file = predict.open_weights(args.model, args.weights)
+        model, variables = instantiate(weights_file)
+        if getattr(model, "features_only", False):
+            raise UserError(f"{weights_file.path}: {weights_file.name} backbone weights (features_only): no classifier "
+                            f"to classify with")
+        transform = predict.eval_transform(weights_file.name, weights_file)
+    except (OSError, UserError) as exc:  # anything else is a bug in jaxnets: its traceback shows
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    categories = predict.category_names(weights_file)
+    multi_label = predict.is_multi_label(weights_file)
+    forward = predict.make_forward(model)
+    variables = jax.device_put(variables)
+    batch_size = min(args.batch_size, len(args.images))
+    failed = 0
+    for paths in predict.chunks(args.images, batch_size):
+        readable, arrays = [], []
+        for path in paths:
+            try:
+                arrays.append(predict.load_input(path, transform))
+                readable.append(path)
+            except READ_ERRORS as exc:
+                print(f"error: {path}: cannot read image ({exc})", file=sys.stderr)
+                failed += 1
+        if not arrays:
+            continue
+        logits = predict.batch_logits(forward, variables, np.stack(arrays), batch_size)
+        answers = (predict.above_threshold(logits, args.threshold, categories) if multi_label
+                   else predict.top_k(logits, args.top, categories))
+        for path, best in zip(readable, answers, strict=True):
+            print(path)
+            for category, probability in best:
+                print(f"  {probability:7.4f}  {category}")
+            if not best:
+                print(f"  (no class at probability {args.threshold:g} or more)")
+    if failed:
+        print(f"error: {failed} of {len(args.images)} image(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,67 @@
+"""What every run (training, the linear probe) does before its work: processes and the compilation cache started,
+the config resolved, the device mesh, this process's data, and the model with its initial variables."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxnets import host, parallel
+from jaxnets.config import TrainConfig, fit_batch_size, resolve
+from jaxnets.data import Dataset, load_dataset
+from jaxnets.data.config import TooFewExamples
+from jaxnets.train_step import init_variables
+
+PyTree = Any
+
+
+def start(config: TrainConfig) -> TrainConfig:
+    """Processes and compilation cache started, the config resolved: all a run needs before it takes its
+    workdir. Idempotent (a resolved config resolves to itself)."""
+    parallel.initialize(config.coordinator, config.num_processes, config.process_id, config.local_devices)
+    host.setup_compilation_cache(config.compile_cache)
+    return resolve(config)
+
+
+def setup(config: TrainConfig, *, fit_batch: bool = False) -> tuple[TrainConfig, Any, Dataset]:
+    """``start``, then the device mesh and this process's data; ``fit_batch``: the batch size was a default,
+    lowered to fit a dataset smaller than one batch (``fit_batch_size``)."""
+    config = start(config)
+    mesh = parallel.make_mesh(config.devices)
+    parallel.check_batch_size(config.batch_size, mesh)
+    parallel.check_batch_size(config.eval_batch_size, mesh, "--eval-batch-size")
+    try:
+        dataset = load_dataset(config.data_config(), jax.process_index(), jax.process_count())
+    except TooFewExamples as too_few:
+        config, note = fit_batch_size(config, too_few, mesh.devices.size, given=not fit_batch)
+        dataset = load_dataset(config.data_config(), jax.process_index(), jax.process_count())
+        dataset.notes.append(note)
+    return dataclasses.replace(config, num_classes=dataset.num_classes), mesh, dataset
+
+
+def build_model(config: TrainConfig, num_classes: int, mesh: Any) -> tuple[nn.Module, PyTree, str | None]:
+    """The model and its initial variables, replicated on ``mesh``: fresh, or ``--pretrained`` with the
+    classifier (GoogLeNet: and its aux heads) freshly initialized for the new task, whatever its number of
+    classes. The third value says which pretrained weights were loaded and which layers were re-initialized."""
+    from jaxnets.weights import for_new_task, resolve_weights
+
+    # Options only where they differ from every family's defaults: a family without them still trains.
+    options = {**({"aux_logits": False} if config.no_aux else {}), **({"remat": True} if config.remat else {}),
+               **({"in_chans": config.in_chans} if config.in_chans != 3 else {})}
+    dtype = jnp.dtype(config.dtype)
+    if config.pretrained is None:
+        model = config.spec.create(num_classes, dtype, **options)
+        return model, init_variables(model, config.image_size, config.seed, mesh), None
+    # A name (IMAGENET1K_V2) is torchvision's weights, anything else a file; "default" is what --pretrained without
+    # a value recorded in the config.json of earlier versions.
+    weights = None if config.pretrained == "default" else config.pretrained
+    resolved = resolve_weights(config.spec, weights)
+    model, variables, renewed = for_new_task(config.spec, num_classes, weights, dtype, rng=config.seed, **options)
+    source = resolved if isinstance(resolved, Path) else f"torchvision's {resolved.torchvision_name} (cache)"
+    note = f"pretrained weights: {source}; re-initialized {', '.join(renewed)} for {num_classes} classes"
+    return model, jax.device_put(variables, parallel.replicated(mesh)), note
