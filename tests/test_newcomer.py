@@ -3,6 +3,8 @@ a mistyped model, a finished run that says so, install hints that fit the instal
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import sys
@@ -57,20 +59,6 @@ def test_install_hints_name_a_command_that_works_for_this_install():
     hint = errors.install_hint("torch")
     # This test runs from a source checkout: an editable install of the checkout with its extra.
     assert hint == f"pip install -e '{ROOT}[torch]'"
-
-
-def test_a_finished_run_says_so_and_exits_at_once(capsys, tmp_path):
-    argv = ["--model", "resnet18", "--epochs", "1", "--steps", "2", "--batch-size", "8", "--no-progress",
-            "--workdir", str(tmp_path / "run"), "--compile-cache", str(tmp_path / "cache")]
-    assert train.main(argv) == 0
-    first = capsys.readouterr().out
-    weights = tmp_path / "run" / "final_weights.safetensors"
-    written = weights.stat().st_mtime_ns
-    assert train.main(argv) == 0
-    out = capsys.readouterr().out
-    top1 = first.split("val top1 ")[-1].split("%")[0]
-    assert f"this run is complete (step 2, val top1 {top1}%, final weights {weights}): nothing to do" in out
-    assert "resumed from step" not in out and weights.stat().st_mtime_ns == written  # nothing evaluated or rewritten
 
 
 # --- predict reads the model name from the weights file -----------------------------------------------------
@@ -142,26 +130,59 @@ def test_every_skipped_file_is_named_in_the_log(tmp_path):
     assert listed == [f"  {root / 'ant' / 'cut.png'}", f"  {root / 'ant' / 'empty.jpg'}"]
 
 
-def test_a_default_batch_shrinks_to_a_small_folder_and_a_given_one_gets_the_value_that_fits(tmp_path, capsys):
+FOLDER_STEPS = 1
+
+
+@pytest.fixture(scope="module")
+def folder_runs(tmp_path_factory):
+    """train.py as a newcomer uses it on a small folder, one compile for two tests: a --batch-size that does not
+    fit (refused), the run with the default batch, and the very same command again once it has finished.
+    Returns the refused run's stderr, each run's stdout, and the final weights' mtime after the first run."""
+    tmp = tmp_path_factory.mktemp("newcomer")
+    root = _small_folder(tmp / "pets")  # 2 x 15 images; 20 % of each class held out: 24 to train on
+    argv = ["--model", "resnet18", "--dataset", str(root), "--image-size", "16", "--epochs", "1",
+            "--steps", str(FOLDER_STEPS), "--no-progress", "--workdir", str(tmp / "run"),
+            "--compile-cache", str(tmp / "cache")]
+    weights = tmp / "run" / "final_weights.safetensors"
+    runs = {}
+    for name, args in (("refused", ["--batch-size", "128", *argv]), ("first", argv), ("again", argv)):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runs[name] = (train.main(args), out.getvalue(), err.getvalue())
+        if name == "first":
+            runs["written"] = weights.stat().st_mtime_ns
+    return runs, tmp / "run", weights
+
+
+def test_a_default_batch_shrinks_to_a_small_folder_and_a_given_one_gets_the_value_that_fits(folder_runs):
     import jax
 
-    root = _small_folder(tmp_path / "pets")  # 2 x 15 images; 20 % of each class held out: 24 to train on
+    runs, workdir, _ = folder_runs
     fits = 24 // jax.device_count() * jax.device_count()
-    argv = ["--model", "resnet18", "--dataset", str(root), "--image-size", "16", "--epochs", "1", "--steps", "1",
-            "--no-progress", "--workdir", str(tmp_path / "run"), "--compile-cache", str(tmp_path / "cache")]
-    assert train.main(["--batch-size", "128", *argv]) == 1
-    err = capsys.readouterr().err
+    code, _, err = runs["refused"]
+    assert code == 1
     assert err.count("\n") == 1 and err.rstrip().endswith(
         "24 training examples, fewer than one global batch of 128; lower --batch-size: "
         f"--batch-size {fits} fits (the largest multiple of the {jax.device_count()} device(s))"), err
 
-    assert train.main(argv) == 0
-    out = capsys.readouterr().out
+    code, out, _ = runs["first"]
+    assert code == 0
     peak = 0.1 * fits / 256  # --lr is per 256 images: the peak follows the batch
     assert f"--batch-size {fits} instead of the default 128, more than the 24 training examples (" in out
     assert f"sgd peak lr {peak:g} (= 0.1 x {fits}/256)" in out
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config = json.loads((workdir / "config.json").read_text())
     assert (config["batch_size"], config["eval_batch_size"], config["lr"]) == (fits, fits, 0.1)
+
+
+def test_a_finished_run_says_so_and_exits_at_once(folder_runs):
+    runs, _, weights = folder_runs
+    (code, first, _), (code_again, out, _) = runs["first"], runs["again"]
+    assert code == 0 and code_again == 0
+    top1 = first.split("val top1 ")[-1].split("%")[0]
+    assert (f"this run is complete (step {FOLDER_STEPS}, val top1 {top1}%, final weights {weights}): nothing to do"
+            in out)
+    # Nothing evaluated or rewritten:
+    assert "resumed from step" not in out and weights.stat().st_mtime_ns == runs["written"]
 
 
 # --- library warnings: one clear line or nothing ----------------------------------------------------------------

@@ -6,6 +6,7 @@ and --recipe torchvision-v2 (flags override it, config.json records it)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -233,6 +234,16 @@ def test_accumulation_updates_batchnorm_statistics_per_micro_batch():
         assert not np.allclose(ours, other, rtol=1e-5, atol=1e-6)
 
 
+RECIPE_IMPORTS = """from __future__ import annotations
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxnets import mixing, parallel, train_step
+from jaxnets.ema import EmaSchedule"""
+
+
 def recipe_steps(out: str | None = None) -> list[np.ndarray]:
     """Three float64 updates of TinyNet with MixUp/CutMix, 2-step accumulation and the EMA on whatever devices
     this process has, as flat leaves of the state's arrays (saved to ``out`` when given: the subprocess)."""
@@ -255,12 +266,15 @@ def recipe_steps(out: str | None = None) -> list[np.ndarray]:
 def test_the_recipe_step_is_the_same_on_four_devices(tmp_path):
     """Data parallelism: mixing on the global batch, micro-batches spread over the devices, BatchNorm statistics
     and the EMA give one device's state on a mesh of four (float64, to 1e-10: only reduction orders differ)."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import jax; "
-            f"assert jax.device_count() == 4; import test_recipe; "
-            f"test_recipe.recipe_steps({str(tmp_path / 'four.npz')!r})")
+    # The subprocess runs this module's own definitions, without importing the module (torch, torchvision).
+    code = "\n\n".join([RECIPE_IMPORTS, *(inspect.getsource(f) for f in (TinyNet, _batch, _host, recipe_steps)),
+                          f"assert jax.device_count() == 4\nrecipe_steps({str(tmp_path / 'four.npz')!r})\n"])
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
+    four_devices = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
     one = recipe_steps()
+    output = four_devices.communicate(timeout=300)[0]
+    assert four_devices.returncode == 0, output[-3000:]
     with np.load(tmp_path / "four.npz") as four:
         assert len(four.files) == len(one)
         for i, leaf in enumerate(one):

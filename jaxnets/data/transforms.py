@@ -137,8 +137,10 @@ def decode_image(data: tf.Tensor, channels: int = 3) -> tf.Tensor:
         return decode_rgb(data)
     head = tf.strings.substr(data, 0, 12) + b"\0" * 12
     is_webp = (tf.strings.substr(head, 0, 4) == b"RIFF") & (tf.strings.substr(head, 8, 4) == b"WEBP")
-    # decode_image reads WebP as RGB(A) whatever it is asked: its gray is the luma of decode_rgb's pixels.
-    image = tf.cond(is_webp, lambda: tf.image.rgb_to_grayscale(decode_rgb(data)),
+    # TensorFlow decodes WebP as RGB(A) whatever it is asked, and refuses BMP and GIF at one channel: their gray
+    # is the luma of decode_rgb's pixels. JPEG and PNG have their decoders' own grayscale.
+    rgb_only = is_webp | (tf.strings.substr(head, 0, 2) == b"BM") | (tf.strings.substr(head, 0, 4) == b"GIF8")
+    image = tf.cond(rgb_only, lambda: tf.image.rgb_to_grayscale(decode_rgb(data)),
                     lambda: tf.io.decode_image(data, channels=1, expand_animations=False))
     image.set_shape([None, None, 1])
     return image
