@@ -40,7 +40,10 @@ def test_train_and_infer_report_sane_numbers():
                     for mode in ("train", "infer"))
     for r in (train, infer):
         assert r.step_s > 0 and r.images_per_s == pytest.approx(2 / r.step_s)
-        assert 0 < r.peak_fraction < 2 and r.step_memory_bytes > 0 and r.compile_s > 0
+        # The fraction is its definition; no bound on it: at these sizes (a 256 peak matmul, one timed step) a
+        # busy core (the other test worker) moves either timing by several times.
+        assert r.peak_flops > 0 and r.peak_fraction == pytest.approx(r.flops / r.step_s / r.peak_flops)
+        assert r.peak_fraction > 0 and r.step_memory_bytes > 0 and r.compile_s > 0
     assert infer.torch_step_s is None and infer.ratio is None
     assert train.torch_step_s > 0 and train.ratio == pytest.approx(train.images_per_s / train.torch_images_per_s)
     # Same FLOPs for both libraries: the fractions of peak stand in the ratio of the speeds.
