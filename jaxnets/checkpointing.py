@@ -49,6 +49,7 @@ RESUME_KEYS = resume_keys()
 OPTIMIZER_LAYOUT = 2
 # What orbax names a checkpoint being written (renamed to the step when complete): what a killed save leaves.
 PARTIAL_MARK = ocp.utils.TMP_DIR_SUFFIX
+CHECKPOINTS_DIR = "checkpoints"  # a run's checkpoints, in its workdir
 # TensorStore's verdicts (absl status codes, the start of its error messages) on array data that is not what was
 # written: DATA_LOSS; NOT_FOUND (a file of the checkpoint is gone); OUT_OF_RANGE (a file cut short);
 # FAILED_PRECONDITION (bytes that do not decode: "ZSTD_decompressStream() failed").

@@ -30,6 +30,8 @@ DTYPES = ("float32", "bfloat16")
 # batch size (Goyal et al. 2017, "Accurate, Large Minibatch SGD"; as flax's imagenet example).
 LR_REFERENCE_BATCH = 256
 AUTO_AUGMENT = POLICIES  # --auto-augment, torchvision's reference names
+# The data settings whose defaults are the library's (DataConfig owns them; TrainConfig's fields read them here).
+DATA_DEFAULTS = DataConfig()
 
 # Recipes: settings a run starts from (``--recipe NAME``; flags given override them; config.json records the
 # result). Each is data: TrainConfig field -> value.
@@ -38,16 +40,43 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 76.130 %), as its classification reference documents it: 8 GPUs x 128 images at lr 0.5, i.e. a global batch
     # of 1024 at 0.125 per 256 images; cosine after 5 linear warmup epochs, 600 epochs; TrivialAugmentWide, random
     # erasing 0.1, MixUp 0.2 / CutMix 1.0, label smoothing 0.1, EMA (every 32 updates, decay 0.99998 adjusted),
-    # weight decay 2e-5 and none on the norm layers, train crop 176, eval resize 232 and crop 224.
+    # weight decay 2e-5 and none on the norm layers, train crop 176 (its eval sizes: RECIPE_EVAL_SIZES).
     "torchvision-v2": {
         "optimizer": "sgd", "momentum": 0.9, "nesterov": False, "lr": 0.125, "batch_size": 1024, "epochs": 600,
         "schedule": "cosine", "warmup_epochs": 5.0, "weight_decay": 2e-5, "label_smoothing": 0.1,
         "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "auto_augment": "ta_wide", "random_erase": 0.1, "hflip": True,
         "min_crop_scale": 0.08, "model_ema": True, "model_ema_steps": 32, "model_ema_decay": 0.99998,
-        "image_size": 176, "val_resize_size": 232, "val_crop_size": 224,
+        "image_size": 176,
     },
 }
 
+
+@dataclass(frozen=True)
+class RecipeEvalSizes:
+    """A recipe's eval sizes, as a rule of the training crop: at ``image_size`` it evaluates at resize ``resize`` /
+    crop ``crop``, and at any other ``--image-size`` at the same ratios (``crop_for``, ``resize_for``), so that the
+    recipe's train-test resolution ratio (FixRes: a random-resized-crop model sees objects larger than a center
+    crop shows them, and is best evaluated at a larger crop) is kept at the size a run trains at."""
+
+    image_size: int
+    resize: int
+    crop: int
+
+    def crop_for(self, image_size: int) -> int:
+        """The eval crop for a training crop of ``image_size``: ``crop x image_size / recipe image size``."""
+        return round(self.crop * image_size / self.image_size)
+
+    def resize_for(self, crop: int) -> int:
+        """The shorter side to resize to before an eval crop of ``crop``: ``crop x resize / recipe crop``."""
+        return round(crop * self.resize / self.crop)
+
+    def describe(self, image_size: int) -> str:
+        return f"the recipe's {self.resize}/{self.crop} at {self.image_size} px, scaled to {image_size} px"
+
+
+# torchvision-v2: train crop 176, eval resize 232 and crop 224 (--image-size 64: resize 84, crop 81).
+RECIPE_EVAL_SIZES: dict[str, RecipeEvalSizes] = {
+    "torchvision-v2": RecipeEvalSizes(RECIPES["torchvision-v2"]["image_size"], resize=232, crop=224)}
 
 
 @dataclass(frozen=True)
@@ -176,7 +205,14 @@ def _auto_augment_part(config: TrainConfig) -> str | None:
 def _eval_sizes_part(config: TrainConfig) -> str | None:
     if config.val_crop_size == config.image_size:
         return None
-    return f"eval resize {config.val_resize_size} crop {config.val_crop_size}"
+    part = f"eval resize {config.val_resize_size} crop {config.val_crop_size}"
+    rule = RECIPE_EVAL_SIZES.get(config.recipe)
+    if rule is None or config.image_size == rule.image_size:
+        return part
+    if (config.val_crop_size, config.val_resize_size) == (crop := rule.crop_for(config.image_size),
+                                                          rule.resize_for(crop)):
+        return f"{part} ({rule.describe(config.image_size)})"
+    return part
 
 
 def _ema_part(config: TrainConfig) -> str | None:
@@ -184,6 +220,13 @@ def _ema_part(config: TrainConfig) -> str | None:
         return None
     return (f"EMA every {config.model_ema_steps} updates, decay {ema_lib.decay_of(config):.6g} (adjusted from "
             f"{config.model_ema_decay:g})")
+
+
+def _recipe_eval_help(size: str) -> str:
+    """``--val-crop-size``'s (``size='crop'``) or ``--val-resize-size``'s default under each recipe, for the help."""
+    if size == "crop":
+        return "; ".join(f"{name} {rule.crop} at {rule.image_size}" for name, rule in RECIPE_EVAL_SIZES.items())
+    return "; ".join(f"{name} x {rule.resize}/{rule.crop}" for name, rule in RECIPE_EVAL_SIZES.items())
 
 
 def _model_names() -> str:
@@ -211,17 +254,20 @@ class TrainConfig:
                                    "when present)", group=DATA, resume=True, data=True)
     data_dir: str | None = setting(None, "TFDS data dir (imagenet2012: put the tars in DATA_DIR/downloads/manual)",
                                    group=DATA, data=True)
-    image_size: int | None = setting(None, "training crop size, and the eval crop unless --val-crop-size (default "
-                                           "on digits: 16, VGG 32, AlexNet 64; else the weights' 224)", group=DATA,
+    image_size: int | None = setting(None, "training crop size, and the eval crop unless --val-crop-size or a "
+                                           "--recipe (default on digits: 16, VGG 32, AlexNet 64; else the weights' "
+                                           "224)", group=DATA,
                                      resume=True, data=True)
-    val_crop_size: int | None = setting(None, "eval: center crop (default: --image-size)", group=DATA, data=True,
-                                        log=Log(9, _eval_sizes_part))
+    val_crop_size: int | None = setting(None, "eval: center crop (default: --image-size; with a --recipe, its eval "
+                                              f"crop scaled to --image-size: {_recipe_eval_help('crop')})", group=DATA,
+                                        data=True, log=Log(9, _eval_sizes_part))
     val_resize_size: int | None = setting(None, "eval: resize the shorter side to this before the crop (default: "
-                                                "the crop x 256/224)", group=DATA, data=True)
+                                                f"the crop x 256/224; with a --recipe, {_recipe_eval_help('resize')})",
+                                          group=DATA, data=True)
     classes: tuple[int, ...] | None = setting(None, "keep only these labels, remapped to 0..k-1: 0,1,2,3,4 or 5-9",
                                               group=DATA, resume=True, data=True, type=parse_classes)
-    val_fraction: float = setting(0.2, "held-out fraction of train when there is no validation split", group=DATA,
-                                  resume=True, data=True)
+    val_fraction: float = setting(DATA_DEFAULTS.val_fraction, "held-out fraction of train when there is no "
+                                  "validation split", group=DATA, resume=True, data=True)
     min_crop_scale: float | None = setting(None, "RandomResizedCrop minimal area", group=DATA,
                                            auto=ByDataset(0.9, 0.08), data=True)
     hflip: bool | None = setting(None, "random horizontal flips (digits are not mirror-symmetric)", group=DATA,
@@ -229,16 +275,17 @@ class TrainConfig:
     dtype: str = setting("float32", "compute dtype (parameters and the loss stay float32)", group=DATA,
                          choices=DTYPES)
     no_aux: bool = setting(False, "GoogLeNet without its auxiliary heads", group=DATA, resume=True)
-    in_chans: int = setting(3, "input channels: 1 reads images as grayscale, 3 as RGB; a folder of .npy arrays "
-                               "(H, W, C) gives C. A pretrained stem is adapted (timm's adapt_input_conv), and the "
-                               "normalization statistics with it", group=DATA, resume=True, data=True)
+    in_chans: int = setting(DATA_DEFAULTS.in_chans, "input channels: 1 reads images as grayscale, 3 as RGB; a "
+                            "folder of .npy arrays (H, W, C) gives C. A pretrained stem is adapted (timm's "
+                            "adapt_input_conv), and the normalization statistics with it", group=DATA, resume=True,
+                            data=True)
     remat: bool = setting(False, "rematerialize each block's activations in the backward pass (gradient "
                                  "checkpointing): less memory, a slower step", group=DATA)
     aux_weight: float = setting(AUX_WEIGHT, "GoogLeNet: loss = main + w * (aux1 + aux2), as in the paper",
                                 group=DATA, valid=Range(0))
-    multi_label: bool = setting(False, "each image has any number of classes: a folder with labels.csv "
-                                       "(file,label;label;...) or a TFDS dataset whose label is a sequence of classes; "
-                                       "sigmoid binary cross-entropy, and mAP, F1 and exact match instead of top-k",
+    multi_label: bool = setting(DATA_DEFAULTS.multi_label, "each image has any number of classes: a folder with "
+                                "labels.csv (file,label;label;...) or a TFDS dataset whose label is a sequence of "
+                                "classes; sigmoid binary cross-entropy, and mAP, F1 and exact match instead of top-k",
                                 group=DATA, resume=True, data=True,
                                 log=Log(2, "multi-label (sigmoid binary cross-entropy)"))
     # augmentation and averaging
@@ -246,11 +293,11 @@ class TrainConfig:
                                              "(RandAugment), ta_wide (TrivialAugmentWide), imagenet (AutoAugment's "
                                              "ImageNet policy)", group=AUGMENT, resume=True, data=True,
                                        log=Log(6, _auto_augment_part), choices=AUTO_AUGMENT)
-    ra_magnitude: int = setting(9, f"RandAugment's magnitude bin, 0-{MAGNITUDE_BINS - 1}", group=AUGMENT,
-                                resume=True, data=True)
-    random_erase: float = setting(0.0, "probability of torchvision's RandomErasing (a box of 2-33 %% of the image, "
-                                       "aspect 0.3-3.3, set to 0 after normalization)", group=AUGMENT, resume=True,
-                                  data=True, log=Log(7, "random erasing p={:g}"))
+    ra_magnitude: int = setting(DATA_DEFAULTS.ra_magnitude, f"RandAugment's magnitude bin, 0-{MAGNITUDE_BINS - 1}",
+                                group=AUGMENT, resume=True, data=True)
+    random_erase: float = setting(DATA_DEFAULTS.random_erase, "probability of torchvision's RandomErasing (a box "
+                                  "of 2-33 %% of the image, aspect 0.3-3.3, set to 0 after normalization)",
+                                  group=AUGMENT, resume=True, data=True, log=Log(7, "random erasing p={:g}"))
     mixup_alpha: float = setting(0.0, "MixUp: each batch blended with itself rolled by one, lambda ~ Beta(a, a), "
                                       "labels alike (torchvision's MixUp; 0: off)", group=AUGMENT, resume=True,
                                  valid=Range(0), log=Log(4, "mixup alpha {:g}"))
@@ -383,9 +430,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     spec = config.spec  # raises for an unknown model
     if is_weights_name(config.pretrained):  # an unknown weights name fails now, not once the data is loaded
         spec.get_weights(config.pretrained)
-    _check_choice("--optimizer", config.optimizer, OPTIMIZERS)
-    _check_choice("--schedule", config.schedule, SCHEDULES)
-    _check_choice("--dtype", config.dtype, DTYPES)
+    _check_choices(config)
     digits = config.dataset == DIGITS
     if config.image_size is not None:
         image_size = config.image_size
@@ -455,10 +500,12 @@ def recipe_settings(name: str) -> dict[str, Any]:
 
 
 def _eval_sizes(spec: ModelSpec, config: TrainConfig) -> dict[str, int]:
-    """The eval crop (``--image-size`` unless given) and resize (the crop's 256/224 rule unless given), checked."""
-    crop = _default(config.val_crop_size, config.image_size)
+    """The eval crop and resize, each unless given, checked: ``--image-size`` and the crop's 256/224 rule; with a
+    ``--recipe`` that has eval sizes (``RECIPE_EVAL_SIZES``), the recipe's, scaled to ``--image-size``."""
+    rule = RECIPE_EVAL_SIZES.get(config.recipe)
+    crop = _default(config.val_crop_size, rule.crop_for(config.image_size) if rule else config.image_size)
     check_image_size(spec, crop, "--val-crop-size")
-    resize = _default(config.val_resize_size, resize_for_crop(crop))
+    resize = _default(config.val_resize_size, rule.resize_for(crop) if rule else resize_for_crop(crop))
     if resize < crop:
         raise UserError(f"--val-resize-size {resize} is below the eval crop {crop} (--val-crop-size)")
     return {"val_crop_size": crop, "val_resize_size": resize}
@@ -466,13 +513,9 @@ def _eval_sizes(spec: ModelSpec, config: TrainConfig) -> dict[str, int]:
 
 def _check_recipe_settings(config: TrainConfig) -> None:
     """The combinations of the recipe's settings that cannot run as asked."""
-    if config.recipe is not None:
-        _check_choice("--recipe", config.recipe, tuple(RECIPES))
-    if config.auto_augment is not None:
-        _check_choice("--auto-augment", config.auto_augment, AUTO_AUGMENT)
-        if config.in_chans not in CHANNELS:
-            raise UserError(f"--auto-augment works on 1- or 3-channel images (torchvision's policies), not "
-                            f"--in-chans {config.in_chans}")
+    if config.auto_augment is not None and config.in_chans not in CHANNELS:
+        raise UserError(f"--auto-augment works on 1- or 3-channel images (torchvision's policies), not "
+                        f"--in-chans {config.in_chans}")
     if config.multi_label:
         for flag, conflict in (("--dataset digits", config.dataset == DIGITS),
                                ("--classes", config.classes is not None),
@@ -513,6 +556,16 @@ def _check_ranges(config: TrainConfig) -> None:
         value = getattr(config, option.name)
         if option.valid is not None and value is not None and value not in option.valid:
             raise UserError(f"{option.flag} must be {option.valid}, got {value}")
+
+
+def _check_choices(config: TrainConfig) -> None:
+    """Each setting declared with ``choices`` holds one of them (or None): argparse checks flags, this the
+    library's TrainConfig."""
+    for field in dataclasses.fields(config):
+        choices = field.metadata.get("argparse", {}).get("choices")
+        value = getattr(config, field.name)
+        if choices is not None and value is not None:
+            _check_choice(flag_name(field.name), value, tuple(choices))
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -8,13 +8,14 @@ its traceback, so that it is never mistaken for a mistake of the user's.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import contextvars
 import difflib
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 class UserError(ValueError):
@@ -78,11 +79,29 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+USAGE_STATUS = 1  # a user error, be it a bad flag (argparse's own exits 2) or bad input: one status for both
+
+
+def print_error(prefix: str, message: str) -> None:
+    """``'<prefix>: error: <message>'`` on stderr: how every command reports a user error (argparse's form)."""
+    print(f"{prefix}: error: {message}", file=sys.stderr)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every jaxnets command: argparse's, whose usage errors (an unknown flag, a bad value,
+    ``parser.error``) print its usage and one ``prog: error:`` line as always, but exit with ``USAGE_STATUS``,
+    as every other user error does (argparse exits 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(USAGE_STATUS, f"{self.prog}: error: {message}\n")
+
+
 def run_cli(prefix: str, main: Callable[[], int]) -> int:
     """``main()``'s exit status; a ``UserError`` or ``OSError`` becomes ``'<prefix>: error: <first line>'`` on
     stderr and status 1. Other exceptions propagate with their traceback: they are bugs."""
     try:
         return main()
     except (UserError, OSError) as error:
-        print(f"{prefix}: error: {first_line(error)}", file=sys.stderr)
-        return 1
+        print_error(prefix, first_line(error))
+        return USAGE_STATUS

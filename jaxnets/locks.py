@@ -53,11 +53,9 @@ def hold(directory: str | os.PathLike, *, what: str = "--workdir", target: str |
         return
     directory = Path(directory)
     path = directory / lock_file
-    with writing(path, f"the lock of {what}"):
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd, locked = _open_locked(directory, path, what, f"{what} {target or directory}", wait)
     try:
-        if not _acquire(fd, f"{what} {target or directory}", wait):
+        if not locked:
             yield None
             return
         with writing(path, f"the lock of {what}"):
@@ -65,7 +63,36 @@ def hold(directory: str | os.PathLike, *, what: str = "--workdir", target: str |
             os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
         yield path
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race with the next writer's open)
+        os.close(fd)  # releases the lock; the file stays (a writer that removes it does so holding it: _open_locked)
+
+
+def _open_locked(directory: Path, path: Path, what: str, label: str, wait: float) -> tuple[int, bool]:
+    """The lock file's descriptor, and whether it is locked (False: a filesystem without locks). A lock taken on a
+    file that is no longer at ``path`` (a failed start removes the lock file it created, ``jaxnets.run_setup``, while
+    this process waited on it) protects nothing: the file is opened again, created anew."""
+    deadline = time.monotonic() + wait
+    while True:
+        with writing(path, f"the lock of {what}"):
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locked = _acquire(fd, label, max(0.0, deadline - time.monotonic()))
+            if not locked or _is_at(fd, path):
+                return fd, locked
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is the file at ``path`` (not one removed or replaced since it was opened)."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (here.st_dev, here.st_ino)
 
 
 def _acquire(fd: int, label: str, wait: float) -> bool:

@@ -38,7 +38,7 @@ from jaxnets.weights import WeightsFile, load_weights, open_pretrained, torchvis
 
 __all__ = ["above_threshold", "batch_logits", "category_names", "center_crop", "classify", "eval_transform",
            "is_multi_label", "load_input", "make_forward", "open_weights", "preprocess", "read_image",
-           "sigmoid", "softmax", "top_k"]
+           "sigmoid", "softmax", "top_k", "weights_path"]
 
 def make_forward(model: nn.Module) -> Callable[[Any, np.ndarray], jax.Array]:
     """The jitted eval-mode forward pass: float32 logits for a batch (compiled once per batch shape), under the
@@ -147,12 +147,25 @@ def category_names(weights_file: WeightsFile) -> tuple[str, ...]:
     return tuple(f"class {i}" for i in range(weights_file.num_classes))
 
 
+def weights_path(weights: str | Path) -> Path:
+    """The weights file ``weights`` names: itself, or for a ``train.py`` run directory its final weights."""
+    path = Path(weights)
+    if not path.is_dir():
+        return path
+    from jaxnets.final_weights import FINAL_WEIGHTS  # the name train.py gives them
+
+    if not (path / FINAL_WEIGHTS).is_file():
+        raise UserError(f"--weights {weights}: a directory without {FINAL_WEIGHTS}; give a weights file or a "
+                        "finished train.py run directory")
+    return path / FINAL_WEIGHTS
+
+
 def open_weights(model: str | None, weights: str | None) -> WeightsFile:
-    """The weights to classify with. A jaxnets file names its model (its header's ``name``), so ``model`` may
-    be None for one; given, it must be the file's. torchvision's weights (by name, or None: the default) need
-    ``model``."""
+    """The weights to classify (or evaluate, or export) with: a jaxnets file or a ``train.py`` run directory
+    (``weights_path``) names its model (its header's ``name``), so ``model`` may be None for one; given, it
+    must be the file's. torchvision's weights (by name, or None: the default) need ``model``."""
     if weights is not None and not is_weights_name(weights):
-        weights_file = load_weights(weights)
+        weights_file = load_weights(weights_path(weights))
         if model is not None and get_spec(model).name != weights_file.name:
             raise UserError(f"--model {model}: {weights} holds {weights_file.name} weights, not {model}; leave "
                             f"out --model (the file names its model)")

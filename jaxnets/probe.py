@@ -25,13 +25,13 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from jaxnets import evaluation, kernels, locks, parallel
-from jaxnets.checkpointing import Checkpointer
+from jaxnets import evaluation, kernels, parallel
+from jaxnets.checkpointing import CHECKPOINTS_DIR, Checkpointer
 from jaxnets.config import TrainConfig
 from jaxnets.errors import UserError
 from jaxnets.run_io import METRICS_FILE as RUN_METRICS_FILE
 from jaxnets.run_io import RunLog
-from jaxnets.run_setup import build_model, setup, start
+from jaxnets.run_setup import batch_fits_data, build_model, owned_workdir, setup, start
 
 PROBES = ("svm", "logreg")
 FEATURES_FILE = "probe_features.npz"
@@ -142,21 +142,28 @@ def _unpack(batch: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
 def run_linear_probe(config: TrainConfig) -> dict[str, float]:
     """``--linear-probe svm|logreg``: fit a linear classifier on the frozen model's pre-logit features of
     the (eval-transformed) training set and score it on the validation set; results in the workdir."""
+    fit_batch = batch_fits_data(config)  # a default batch shrinks to a small dataset, as training's does
     config = start(config)
-    with locks.hold(Path(config.workdir).absolute(), enabled=parallel.is_main_process()):
-        return _run_linear_probe(config)
+    with owned_workdir(Path(config.workdir).absolute(), enabled=parallel.is_main_process()) as opening:
+        metrics = _run_linear_probe(config, fit_batch)
+        opening.done()
+        return metrics
 
 
-def _run_linear_probe(config: TrainConfig) -> dict[str, float]:
-    config, mesh, dataset = setup(config)
+def _run_linear_probe(config: TrainConfig, fit_batch: bool) -> dict[str, float]:
+    config, mesh, dataset = setup(config, fit_batch=fit_batch)
     if jax.process_count() > 1:
         raise UserError("--linear-probe runs in a single process")
     workdir = Path(config.workdir).absolute()
-    if Checkpointer(workdir / "checkpoints").latest_step() is not None or (workdir / RUN_METRICS_FILE).exists():
+    checkpoints = workdir / CHECKPOINTS_DIR  # opened only where it exists: a probe leaves no empty one behind
+    if ((checkpoints.is_dir() and Checkpointer(checkpoints).latest_step() is not None)
+            or (workdir / RUN_METRICS_FILE).exists()):
         raise UserError(f"--workdir {config.workdir} holds a training run; a linear probe would overwrite its logs, "
                         f"use another --workdir")
-    run = RunLog(workdir)
+    run = RunLog(workdir, metrics=False)
     run.print(f"run directory: {workdir}")
+    for note in dataset.notes:
+        run.print(note)
     run.write_config(config.to_json())
     model, variables, note = build_model(config, dataset.num_classes, mesh)
     if note:

@@ -26,17 +26,21 @@ CONFUSION_FILE = "confusion_matrix.png"
 
 class RunLog:
     """The run directory's logs. ``resume_step`` drops records past the step a run resumes from, so an
-    interrupted-and-resumed run's ``metrics.jsonl`` reads like an uninterrupted one."""
+    interrupted-and-resumed run's ``metrics.jsonl`` reads like an uninterrupted one; ``metrics=False``: a run that
+    logs no records (the linear probe), whose directory then has no ``metrics.jsonl``."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, resume_step: int = 0, title: str = ""):
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, resume_step: int = 0, title: str = "",
+                 metrics: bool = True):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.title = title  # names the run in the plots: "resnet34 on digits"
+        self.metrics_path = self.run_dir / METRICS_FILE
         if not enabled:
             return
         with writing(self.run_dir, "the run directory"):
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / METRICS_FILE
+        if not metrics:  # a run without metrics records (the linear probe) leaves no metrics.jsonl
+            return
         # Records past the resumed step go; a line that is no record stays as it was (read_metrics reports it).
         kept = [line for line, record in _metrics_lines(self.metrics_path)
                 if record is None or record["step"] <= resume_step]

@@ -3,7 +3,10 @@ the config resolved, the device mesh, this process's data, and the model with it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxnets import host, parallel
+from jaxnets import host, locks, parallel
 from jaxnets.config import TrainConfig, fit_batch_size, resolve
 from jaxnets.data import Dataset, load_dataset
 from jaxnets.data.config import TooFewExamples
@@ -28,9 +31,72 @@ def start(config: TrainConfig) -> TrainConfig:
     return resolve(config)
 
 
+class Start:
+    """A run's start in its workdir (``owned_workdir``): until ``done``, a failure removes what the run created."""
+
+    def __init__(self) -> None:
+        self.finished = False
+
+    def done(self) -> None:
+        """The start is over (training begins, the probe has its results): what is in the workdir now stays."""
+        self.finished = True
+
+
+@contextlib.contextmanager
+def owned_workdir(workdir: Path, *, enabled: bool = True) -> Iterator[Start]:
+    """The run's ``workdir`` held for the block (``locks.hold``; ``enabled=False``: the processes other than 0
+    take and create nothing). A start that fails (an unknown dataset, ``--pretrained`` offline, Ctrl-C) leaves
+    nothing it created: the entries new in the workdir, then its lock file, the workdir and the folders above it
+    that did not exist before, each folder only if empty. What existed before (a resumed run's files, a user's
+    folder) is never touched; what a run writes once ``Start.done`` stays, whatever follows."""
+    opening = Start()
+    if not enabled:
+        yield opening
+        return
+    # Before the lock, which creates them: the folders and the lock file a failed start removes again.
+    new_folders = [folder for folder in (workdir, *workdir.parents) if not folder.exists()]
+    new_lock = not (workdir / locks.LOCK_FILE).exists()
+    with locks.hold(workdir):
+        before = {entry.name for entry in workdir.iterdir()}  # under the lock: nobody else writes here now
+        try:
+            yield opening
+        except BaseException:
+            if not opening.finished:
+                with contextlib.suppress(OSError):  # best effort: the error that failed the start is the one to tell
+                    _remove_new(workdir, before, new_lock, new_folders)
+            raise
+
+
+def _remove_new(workdir: Path, before: set[str], new_lock: bool, folders: list[Path]) -> None:
+    """What a failed start created: ``workdir``'s entries not in ``before``; the lock file when it was new (removed
+    while held: a writer waiting on it opens it again, ``locks.hold``); then the ``folders``, innermost first, each
+    only if empty."""
+    for entry in workdir.iterdir():
+        if entry.name not in before:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+    if new_lock:
+        (workdir / locks.LOCK_FILE).unlink(missing_ok=True)
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or not removable): kept, and so is every folder above it
+            return
+
+
+def batch_fits_data(config: TrainConfig) -> bool:
+    """Whether the batch of ``config`` (as given, before ``resolve``) may shrink to fit a dataset smaller than one
+    batch (``setup``'s ``fit_batch``): a default one does, for training and the linear probe alike; one the user
+    gave is kept, and the error names the value that fits."""
+    return config.batch_size is None
+
+
 def setup(config: TrainConfig, *, fit_batch: bool = False) -> tuple[TrainConfig, Any, Dataset]:
-    """``start``, then the device mesh and this process's data; ``fit_batch``: the batch size was a default,
-    lowered to fit a dataset smaller than one batch (``fit_batch_size``)."""
+    """``start``, then the device mesh and this process's data; ``fit_batch`` (``batch_fits_data``): the batch size
+    was a default, lowered to fit a dataset smaller than one batch (``fit_batch_size``, which adds the log line
+    saying so to the dataset's notes)."""
     config = start(config)
     mesh = parallel.make_mesh(config.devices)
     parallel.check_batch_size(config.batch_size, mesh)

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import optax
 
-from jaxnets import ema, evaluation, locks, parallel, transfer
-from jaxnets.checkpointing import Checkpointer, CheckpointStorageError, resume_problem, resume_record
+from jaxnets import ema, evaluation, parallel, transfer
+from jaxnets.checkpointing import CHECKPOINTS_DIR, Checkpointer, CheckpointStorageError, resume_problem, resume_record
 from jaxnets.config import TrainConfig
 from jaxnets.data import Dataset
 from jaxnets.errors import UserError
@@ -33,9 +33,9 @@ from jaxnets.final_weights import FINAL_WEIGHTS, finished_metrics, save_final_we
 from jaxnets.mixing import Mixing
 from jaxnets.optimization import freeze_masks, has_parameter_groups, make_optimizer
 from jaxnets.run_control import DurationEstimate, StopSignal
-from jaxnets.run_description import describe_run
+from jaxnets.run_description import describe_run, small_data_warning
 from jaxnets.run_io import Progress, RunLog, epoch_summary, headline
-from jaxnets.run_setup import build_model, setup, start
+from jaxnets.run_setup import Start, batch_fits_data, build_model, owned_workdir, setup, start
 from jaxnets.train_step import TrainState, create_train_state, make_train_step
 
 
@@ -55,19 +55,19 @@ def train_and_evaluate(config: TrainConfig) -> TrainResult:
     """Train ``config.model`` on ``config.dataset`` data-parallel on all devices (of all processes),
     evaluating after every epoch; resume from ``config.workdir`` when it holds a checkpoint of this run.
     The run owns its workdir (``jaxnets.locks``): a second run on it is refused before it reads it."""
-    fit_batch = config.batch_size is None  # a default batch shrinks to fit a small dataset (setup)
+    fit_batch = batch_fits_data(config)
     config = start(config)
-    with locks.hold(Path(config.workdir).absolute(), enabled=parallel.is_main_process()):
-        return _train_and_evaluate(config, fit_batch)
+    with owned_workdir(Path(config.workdir).absolute(), enabled=parallel.is_main_process()) as opening:
+        return _train_and_evaluate(config, fit_batch, opening)
 
 
-def _train_and_evaluate(config: TrainConfig, fit_batch: bool = False) -> TrainResult:
+def _train_and_evaluate(config: TrainConfig, fit_batch: bool, opening: Start) -> TrainResult:
     config, mesh, dataset = setup(config, fit_batch=fit_batch)
     workdir = Path(config.workdir).absolute()
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+    checkpointer = Checkpointer(workdir / CHECKPOINTS_DIR, keep=config.keep_checkpoints,
                                 clean_partial=parallel.is_main_process())
     try:
-        return _run(config, mesh, dataset, workdir, checkpointer)
+        return _run(config, mesh, dataset, workdir, checkpointer, opening)
     except StorageError as error:
         if isinstance(error, CheckpointStorageError):
             checkpointer.close(quiet=True)
@@ -83,7 +83,8 @@ def _train_and_evaluate(config: TrainConfig, fit_batch: bool = False) -> TrainRe
         checkpointer.close()  # a no-op when closed above; else reports a save that failed in the background
 
 
-def _run(config: TrainConfig, mesh: Any, dataset: Dataset, workdir: Path, checkpointer: Checkpointer) -> TrainResult:
+def _run(config: TrainConfig, mesh: Any, dataset: Dataset, workdir: Path, checkpointer: Checkpointer,
+         opening: Start) -> TrainResult:
     resume_step = _check_resumable(checkpointer, config, dataset.steps_per_epoch)
     run = RunLog(workdir, enabled=parallel.is_main_process(), resume_step=resume_step or 0,
                  title=f"{config.model} on {config.dataset}")
@@ -100,6 +101,9 @@ def _run(config: TrainConfig, mesh: Any, dataset: Dataset, workdir: Path, checkp
                       f"weights {workdir / FINAL_WEIGHTS}): nothing to do. To train longer, raise --epochs or "
                       f"--steps; to start again, use another --workdir")
             return TrainResult(workdir, resume_step, finished)
+    warning = small_data_warning(config, len(dataset.train), dataset.num_classes)
+    if warning:
+        run.print(warning)
 
     model, variables, note = build_model(config, dataset.num_classes, mesh)
     if note:
@@ -116,6 +120,7 @@ def _run(config: TrainConfig, mesh: Any, dataset: Dataset, workdir: Path, checkp
     if config.freeze != "none":
         run.print(f"--freeze {config.freeze}: {transfer.describe(variables['params'], trainable_mask)}"
                   + (f"; BatchNorm on running statistics in {', '.join(frozen_norm)}" if frozen_norm else ""))
+    opening.done()  # training begins: what the run writes from now on stays, whatever follows
     return _train_loop(config, dataset, mesh, state, schedule, checkpointer, run)
 
 

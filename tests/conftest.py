@@ -5,9 +5,11 @@ torchvision after tensorflow crashes (seen with torch 2.14 / tensorflow 2.21), a
 tests of several files in one worker.
 """
 
+import urllib.error
+
 import jax
 import pytest
-import torch  # noqa: F401
+import torch
 import torchvision  # noqa: F401
 
 from jaxnets import host
@@ -21,3 +23,15 @@ def _compilation_cache_left_as_found():
     yield
     if jax.config.jax_compilation_cache_dir != before:
         host.setup_compilation_cache(before or "")
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network, empty torch hub and jaxnets caches, whatever the machine running the tests has: torchvision's
+    weights cannot be had."""
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("JAXNETS_HOME", str(tmp_path / "jaxnets"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)

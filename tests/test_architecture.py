@@ -257,8 +257,8 @@ def test_the_library_never_imports_the_benchmark():
 
 def test_the_readers_of_a_run_never_import_the_trainer():
     """jaxnets-evaluate and jaxnets-export read a run's final weights (jaxnets.final_weights), not the trainer."""
-    code = ("import sys, tempfile, jaxnets.evaluate, jaxnets.evaluate.run, jaxnets.cli.export\n"
-            "try:\n    jaxnets.cli.export._weights_path(tempfile.mkdtemp())  # a run directory: its final weights\n"
+    code = ("import sys, tempfile, jaxnets.evaluate, jaxnets.evaluate.run, jaxnets.cli.export, jaxnets.predict\n"
+            "try:\n    jaxnets.predict.weights_path(tempfile.mkdtemp())  # a run directory: its final weights\n"
             "except jaxnets.UserError:\n    pass\n"
             "print(sorted(m for m in sys.modules if m == 'jaxnets.training'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -273,7 +273,7 @@ def test_predict_reports_a_user_error_in_one_line(tmp_path, capsys):
 
     assert cli.main(["--model", "resnet18", "--weights", str(tmp_path / "none.safetensors"), "x.jpg"]) == 1
     out, err = capsys.readouterr()
-    assert out == "" and err == f"error: {tmp_path / 'none.safetensors'}: no such file\n"
+    assert out == "" and err == f"jaxnets-predict: error: {tmp_path / 'none.safetensors'}: no such file\n"
 
 
 def test_predict_lets_a_bug_show_its_traceback(monkeypatch):

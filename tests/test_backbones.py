@@ -24,7 +24,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch_oracle import jax_options, max_rel_error, nchw, one_per_family, oracle_model, state_dict_numpy
+from torch_oracle import (
+    jax_options,
+    max_rel_error,
+    nchw,
+    one_per_family,
+    oracle_model,
+    runs_eagerly,
+    state_dict_numpy,
+)
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import jaxnets
@@ -41,10 +49,6 @@ FAMILY_PARAMS = [p for p in MODELS if p.values[0] in FAMILIES]
 # compared at a size that still gives every level a map of its own (the deepest, 1/32 or 1/16, 2x2 or larger):
 # batch 1 at 224 px would take most of this file's time.
 SMALL_SIZE = {name: (64, 64) for name in jaxnets.list_models() if jaxnets.get_spec(name).weights.gflops > 11}
-# Models deeper than this many convolutions run op by op: eager JAX compiles each operation once per shape, and
-# the deep ResNets repeat their blocks' shapes, where a whole-graph compilation grows with the depth (ResNet-152:
-# 6 s eager, 13 s jitted, for one forward pass).
-EAGER_DEPTH = 100
 
 
 def images(batch: int, height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -72,10 +76,9 @@ def backbone(name: str, **options):
 
 def run(model, variables, x: np.ndarray, **kwargs):
     """``model.apply(variables, x, **kwargs)``, jitted (one compilation costs less than running op by op, each
-    primitive of each shape compiled on its own) unless the model is deeper than ``EAGER_DEPTH``."""
+    primitive of each shape compiled on its own) unless the model is deeper than ``torch_oracle.EAGER_DEPTH``."""
     apply = functools.partial(model.apply, **kwargs)
-    depth = sum(key.endswith("kernel") for key in trees.flatten(variables))
-    return (apply if depth > EAGER_DEPTH else jax.jit(apply))(variables, x)
+    return (apply if runs_eagerly(variables) else jax.jit(apply))(variables, x)
 
 
 def torch_maps(extractor, x: np.ndarray) -> list[np.ndarray]:

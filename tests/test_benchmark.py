@@ -131,7 +131,8 @@ def test_remat_option_compares_the_train_step_with_and_without_gradient_checkpoi
     monkeypatch.setenv("XLA_FLAGS", "")
     out, js = tmp_path / "remat.md", tmp_path / "remat.json"
     code = benchmark.main(["--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--remat", "--iters",
-                           "1", "--warmup", "0", "--system-malloc", "--output", str(out), "--json", str(js)])
+                           "1", "--warmup", "0", "--system-malloc", "--skip-cache-check", "--skip-input-pipeline",
+                           "--output", str(out), "--json", str(js)])
     assert code == 0
     text, data = out.read_text(), json.loads(js.read_text())
     (result,) = data["results"]
@@ -168,7 +169,7 @@ def test_remat_option_compares_the_train_step_with_and_without_gradient_checkpoi
 def test_cli_rejects_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert exit_info.value.code == 1 and message in capsys.readouterr().err
 
 
 def test_data_dir_without_images_is_a_one_line_error(tmp_path, capsys, monkeypatch):
@@ -180,13 +181,13 @@ def test_data_dir_without_images_is_a_one_line_error(tmp_path, capsys, monkeypat
     assert errors[-1].startswith("python -m jaxnets.benchmark: error: ") and "no readable" in errors[-1], errors
 
 
-def test_too_small_image_is_one_line_and_exit_status_2_before_any_timing(tmp_path):
+def test_too_small_image_is_one_line_and_exit_status_1_before_any_timing(tmp_path):
     """As a user runs it: argparse's one line, no traceback, and no minutes of timing first."""
     done = subprocess.run([sys.executable, "-m", "jaxnets.benchmark", "--model", "alexnet", "--image-size", "32",
                            "--system-malloc", "--json", str(tmp_path)], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=120, check=False)
     lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[-1] == "python -m jaxnets.benchmark: error: --image-size 32: alexnet needs at least 63 px"
 
 
@@ -195,7 +196,7 @@ def test_output_paths_are_checked_before_the_timing(tmp_path, capsys, monkeypatc
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--model", "resnet18", "--json", str(tmp_path), "--skip-cache-check",
                         "--skip-input-pipeline", "--system-malloc"])
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 1
     assert f"--json: {tmp_path} is a directory" in capsys.readouterr().err
 
 
@@ -252,7 +253,7 @@ def test_the_cache_check_s_fresh_processes_build_under_this_process_s_kernel_cho
 def test_bad_kernels_flag_is_argparse_s_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(["--kernels", "fastest"])
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 1
     assert "error: --kernels='fastest': expected auto" in capsys.readouterr().err
 
 
@@ -292,7 +293,7 @@ def test_suite_flag_dispatches_and_an_unknown_suite_is_an_error(capsys):
     assert cli.split_suite(["--model", "x", "--suite", "gpu", "--tiny"]) == ("gpu", ["--model", "x", "--tiny"])
     assert cli.split_suite(["--suite=kernels"]) == ("kernels", [])
     assert cli.split_suite(["--iters", "2"]) == ("models", ["--iters", "2"])
-    assert cli.main(["--suite", "nope"]) == 2
+    assert cli.main(["--suite", "nope"]) == 1
     assert "--suite: unknown suite 'nope'" in capsys.readouterr().err
 
 

@@ -87,3 +87,27 @@ def test_importing_the_commands_loads_neither_the_benchmark_nor_torch():
             "print(sorted(m for m in sys.modules if m.startswith('jaxnets.benchmark') or m == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+# Each command's arguments that reach its parser's own checks (a positional argument where it needs one).
+USAGE_ERRORS = {"jaxnets-train": ["--epochs", "many"], "jaxnets-convert": ["--all", "resnet18"],
+                "jaxnets-predict": ["--top", "0", "x.png"], "jaxnets-evaluate": ["--batch-size", "0"],
+                "jaxnets-export": ["--format", "onnx"], "jaxnets-benchmark": ["--suite", "nope"]}
+
+
+@pytest.mark.parametrize("command", sorted(CHECKOUT))
+def test_a_usage_error_is_argparse_s_one_line_and_exit_status_1_as_every_user_error(command, capsys):
+    """An unknown flag (argparse's own check) and a bad value (the command's checks after parsing): the usage,
+    one ``<command>: error:`` line, and status 1, the status of every user error (argparse's is 2)."""
+    module, _, function = SCRIPTS[command].partition(":")
+    main = getattr(import_module(module), function)
+    for argv in (["--no-such-flag"], USAGE_ERRORS[command]):
+        if command == "jaxnets-benchmark" and argv == ["--no-such-flag"]:
+            continue  # its suites' parsers (jaxnets.benchmark) are their own: test_benchmark
+        try:
+            status = main(argv)
+        except SystemExit as done:
+            status = done.code
+        err = capsys.readouterr().err.splitlines()
+        assert status == 1, (argv, err)
+        assert err[-1].startswith(f"{command}: error: ") and "Traceback" not in "".join(err), (argv, err)

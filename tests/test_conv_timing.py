@@ -14,7 +14,8 @@ from jaxnets.benchmark import models as benchmark
 @pytest.mark.parametrize("name", list_models())
 def test_conv_layers_are_every_convolution_torchvision_runs(name):
     layers = conv_timing.conv_layers(name, batch_size=1, image_size=64)
-    model = benchmark.torchvision_model(name)
+    with torch.device("meta"):  # the modules only, not their weights
+        model = benchmark.torchvision_model(name)
     # GoogLeNet's auxiliary heads run in training mode only; the layers are found in an eval forward.
     convs = [m for path, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and not path.startswith("aux")]
     assert sum(layer.count for layer in layers) == len(convs)

@@ -246,15 +246,17 @@ def test_a_name_two_outputs_answer_to_is_not_guessed():
     assert map_classes(["crane", "tench", "n2"], outputs)[0].tolist() == [-1, 2, 1]
 
 
-def train_run(run: Path, variables=None, categories: tuple[str, ...] = tuple("0123456789")) -> Path:
-    """A train.py run directory on the digits: config.json and final weights as train.py writes them."""
+def train_run(run: Path, variables=None, categories: tuple[str, ...] = tuple("0123456789"), dataset: str = "digits",
+              val_fraction: float = 0.2) -> Path:
+    """A train.py run directory (on the digits): config.json and final weights as train.py writes them."""
     run.mkdir()
     if variables is None:
         variables = jax_init(jaxnets.create_model("resnet18", num_classes=len(categories)))
     save_weights(run / FINAL_WEIGHTS, "resnet18", variables, model_options={},
-                 metadata={"source": "train.py", "dataset": "digits", "categories": list(categories),
+                 metadata={"source": "train.py", "dataset": dataset, "categories": list(categories),
                            "eval_transform": {"resize_size": 18, "crop_size": 16}})
-    (run / "config.json").write_text(json.dumps({"model": "resnet18", "dataset": "digits", "val_fraction": 0.2}))
+    (run / "config.json").write_text(json.dumps({"model": "resnet18", "dataset": dataset,
+                                                 "val_fraction": val_fraction}))
     return run
 
 
@@ -308,6 +310,60 @@ def test_a_model_of_some_classes_is_evaluated_on_those_classes_only(digits_run, 
     assert result.metrics["count"] == int(np.sum((val_labels == 7) | (val_labels == 3)))
     assert {p["label"] for p in result.report["predictions"]} == {0, 1}
     assert any("left out the images of 8 class(es)" in note for note in result.report["notes"])
+
+
+def _flat_folder(root: Path, per_class: int, suffix: str = ".png", channels: int = 3) -> Path:
+    """``per_class`` 16-px examples in each of the classes ant and bee, no train/ or val/ folders: images, or
+    ``.npy`` arrays of ``channels`` channels."""
+    rng = np.random.default_rng(0)
+    for name in ("ant", "bee"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (16, 16, channels), dtype=np.uint8)
+            if suffix == ".npy":
+                np.save(root / name / f"{i}.npy", pixels)
+            else:
+                Image.fromarray(pixels).save(root / name / f"{i}{suffix}")
+    return root
+
+
+def test_a_folder_run_is_evaluated_on_the_images_it_held_out_never_on_its_training_images(tmp_path, capsys):
+    """A run on a flat folder (no val/) held out --val-fraction of each class: by default the evaluation is of
+    those images, named as such, whatever a flat folder's own default (all images) is. 2 x 15 images at
+    --val-fraction 0.25: round(0.25 x 15) = 4 of each class held out, 8 in all. 8 images are one batch of the
+    default 64, after which nothing is left to time: no rate is made up."""
+    root = _flat_folder(tmp_path / "pets", per_class=15)
+    run = train_run(tmp_path / "run", categories=("ant", "bee"), dataset=str(root), val_fraction=0.25)
+    assert main(["--weights", str(run), "--no-progress", "--worker-kind", "thread"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((run / REPORT_FILE).read_text())
+    held_out = load_dataset(DataConfig(dataset=str(root), image_size=16, batch_size=4, val_fraction=0.25))
+    assert report["split"] == "val" and report["metrics"]["count"] == len(held_out.val) == 2 * 4
+    files = [p["file"] for p in report["predictions"]]
+    assert sorted(files) == sorted(held_out.val.paths.tolist()) and not set(files) & set(held_out.train.paths)
+    assert f"{run}: evaluated on the 8 images the run held out for validation (--split val)" in out
+    assert "resnet18 on pets (val, 8 images, --preprocess tf)" in out
+    assert "images/s" not in out and "in one batch, compiling included: too few images to time" in out
+    assert report["images_per_second"] is None
+
+    # Asked for, the other splits; two batches of 16 and 14: a rate, timed after the first.
+    assert main(["--weights", str(run), "--split", "all", "--batch-size", "16", "--output", str(tmp_path / "all"),
+                 "--no-progress"]) == 0
+    report = json.loads((tmp_path / "all" / REPORT_FILE).read_text())
+    assert report["split"] == "all" and report["metrics"]["count"] == 30 and report["images_per_second"] > 0
+    assert f"{report['images_per_second']:.1f} images/s" in capsys.readouterr().out
+
+
+def test_data_of_other_channels_than_the_weights_names_no_flag_evaluate_lacks(tmp_path, capsys):
+    """The model's channels come from the weights, not from a flag of jaxnets-evaluate: the message says so, and
+    names train.py's --in-chans only as how other weights are made."""
+    root = _flat_folder(tmp_path / "bands", per_class=2, suffix=".npy", channels=4)
+    run = train_run(tmp_path / "run", categories=("ant", "bee"))  # in_chans=3
+    assert main(["--weights", str(run), "--dataset", str(root), "--no-progress"]) == 1
+    assert capsys.readouterr().err == (
+        f"jaxnets-evaluate: error: {run / FINAL_WEIGHTS}: a model of in_chans=3 (its weights decide), but "
+        f"{root / 'ant' / '0.npy'} has shape (16, 16, 4) (4 channel(s)): evaluate it on 3-channel data, or evaluate "
+        f"weights trained with jaxnets-train --in-chans 4\n")
 
 
 def test_cli_errors_are_one_line_and_bugs_keep_their_traceback(digits_run, tmp_path, capsys, monkeypatch):

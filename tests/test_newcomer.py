@@ -102,7 +102,8 @@ def test_predict_without_a_model_it_cannot_know_or_with_another_is_one_line(tiny
     weights, image = tiny_weights
     assert predict.main([a.format(weights=weights) for a in argv] + [str(image)]) == 1
     out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and err.startswith("error: " + message.format(weights=weights)), err
+    expected = "jaxnets-predict: error: " + message.format(weights=weights)
+    assert out == "" and err.count("\n") == 1 and err.startswith(expected), err
 
 
 # --- image folders: every skipped file named, a default batch that fits a small folder ---------------------------

@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 import jaxnets
 from jaxnets import predict
 from jaxnets.cli import predict as predict_cli
+from jaxnets.final_weights import FINAL_WEIGHTS
 from jaxnets.registry import EvalTransform
 from jaxnets.weights import save_weights
 
@@ -121,7 +122,7 @@ def test_cli_prints_top_k_like_torchvision_and_reports_unreadable_files(resnet18
     out, err = capsys.readouterr()
     assert len(err.splitlines()) == 4  # one line per unreadable file, one summary
     for bad in (broken, not_an_image, tmp_path / "missing.jpg"):
-        assert f"error: {bad}: cannot read image" in err
+        assert f"jaxnets-predict: error: {bad}: cannot read image" in err
     assert "3 of 6 image(s) could not be read" in err
 
     with torch.no_grad():
@@ -144,8 +145,13 @@ def test_cli_uses_class_names_recorded_with_fine_tuned_weights(resnet18, tmp_pat
                            metadata={"categories": ["ant", "bee", "cat"]})
     image = write_image(tmp_path / "x.png", 64, 64, "RGB")
     assert predict_cli.main(["--model", "resnet18", "--weights", str(weights), "--top", "5", str(image)]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0] == str(image) and len(out) == 4 and out[1].endswith("  bee")
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == str(image) and len(out.splitlines()) == 4 and out.splitlines()[1].endswith("  bee")
+    run = tmp_path / "run"  # a train.py run directory stands for its final weights, which name their model
+    run.mkdir()
+    (run / FINAL_WEIGHTS).write_bytes(weights.read_bytes())
+    assert predict_cli.main(["--weights", str(run), "--top", "5", str(image)]) == 0
+    assert capsys.readouterr().out == out
 
 
 def test_cli_uses_the_eval_sizes_recorded_with_fine_tuned_weights(resnet18, tmp_path, capsys):
@@ -189,7 +195,7 @@ def test_malformed_eval_sizes_are_a_one_line_error_naming_the_file(resnet18, tmp
     assert predict_cli.main(["--model", "resnet18", "--weights", str(weights), str(image)]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
-    assert err.startswith(f"error: {weights}: metadata eval_transform") and message in err
+    assert err.startswith(f"jaxnets-predict: error: {weights}: metadata eval_transform") and message in err
 
 
 def test_crop_size_alone_resizes_as_training_does(resnet18, tmp_path):
@@ -222,7 +228,7 @@ def test_a_decompression_bomb_is_one_unreadable_file(resnet18, tmp_path, capsys,
     assert predict_cli.main(["--model", "resnet18", "--weights", str(weights), str(huge), str(good)]) == 1
     out, err = capsys.readouterr()
     assert out.splitlines()[:1] == [str(good)], err
-    assert f"error: {huge}: cannot read image (Image size (160000 pixels) exceeds limit" in err
+    assert f"jaxnets-predict: error: {huge}: cannot read image (Image size (160000 pixels) exceeds limit" in err
 
 
 # --- models of other channel counts: predict reads what the weights file records --------------------------------
@@ -287,11 +293,11 @@ def test_npy_arrays_are_read_resized_and_normalized_per_channel(resnet18, tmp_pa
         probs = torch.softmax(torch_model(torch.from_numpy(ours.transpose(2, 0, 1))[None]), -1).numpy()[0]
     assert out.splitlines() == [str(tmp_path / "bands.npy"), *_printed(out, probs, 2)]
     assert err.splitlines() == [
-        f"error: {tmp_path / 'wrong.npy'}: cannot read image (array of shape (30, 30, 3) has 3 channel(s); the model "
-        f"takes in_chans=5)",
-        f"error: {image}: cannot read image (an image file gives 1 or 3 channels; the model takes in_chans=5: give "
-        f".npy arrays (H, W, 5))",
-        "error: 2 of 3 image(s) could not be read"]
+        f"jaxnets-predict: error: {tmp_path / 'wrong.npy'}: cannot read image (array of shape (30, 30, 3) has 3 "
+        f"channel(s); the model takes in_chans=5)",
+        f"jaxnets-predict: error: {image}: cannot read image (an image file gives 1 or 3 channels; the model takes "
+        f"in_chans=5: give .npy arrays (H, W, 5))",
+        "jaxnets-predict: error: 2 of 3 image(s) could not be read"]
 
 
 def test_backbone_weights_have_nothing_to_classify_with(resnet18, tmp_path, capsys):
@@ -300,5 +306,5 @@ def test_backbone_weights_have_nothing_to_classify_with(resnet18, tmp_path, caps
     weights = save_weights(tmp_path / "backbone.safetensors", "resnet18", variables,
                            model_options=jaxnets.model_options("resnet18", model))
     assert predict_cli.main(["--model", "resnet18", "--weights", str(weights), "x.png"]) == 1
-    assert capsys.readouterr().err == (f"error: {weights}: resnet18 backbone weights (features_only): no classifier "
-                                       f"to classify with\n")
+    assert capsys.readouterr().err == (f"jaxnets-predict: error: {weights}: resnet18 backbone weights (features_only): "
+                                       "no classifier to classify with\n")

@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 from test_transfer import random_variables
 
 import jaxnets
+from jaxnets.locks import LOCK_FILE
 from jaxnets.probe import CLASSIFIER_FILE, FEATURES_FILE, METRICS_FILE, extract_features, linear_probe
 
 TESTS = Path(__file__).parent
@@ -134,3 +135,36 @@ def test_probe_refuses_unnormalized_integer_images(resnet18, dtype):
     message = rf"batch 0: images are {np.dtype(dtype)}; the probe needs normalized float images"
     with pytest.raises(ValueError, match=message):
         linear_probe(model, variables, [(images, np.arange(4))], [(images, np.arange(4))])
+
+
+def test_the_probe_on_a_small_folder_shrinks_its_default_batch_as_training_does(tmp_path, capsys):
+    """A folder smaller than the default batch of 128: the probe lowers it as training does (run_setup.batch_fits_data,
+    config.fit_batch_size), with the same log line; and leaves no files of a training run behind, which would refuse
+    the next probe in its workdir."""
+    import jax
+    from PIL import Image
+
+    sys.path.insert(0, str(TESTS.parent))
+    import train
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    for name in ("a", "b", "c"):
+        (images / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(images / name / f"{i}.png")
+    workdir = tmp_path / "probe"
+    argv = ["--model", "resnet18", "--dataset", str(images), "--image-size", "16", "--linear-probe",
+            "logreg", "--no-progress", "--workdir", str(workdir), "--compile-cache", ""]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((workdir / METRICS_FILE).read_text())
+    fits = metrics["num_train"] // jax.device_count() * jax.device_count()
+    assert metrics["num_train"] + metrics["num_val"] == 24 and metrics["num_train"] < 128
+    assert (f"--batch-size {fits} instead of the default 128, more than the {metrics['num_train']} training "
+            f"examples (") in out
+    config = json.loads((workdir / "config.json").read_text())
+    assert (config["batch_size"], config["eval_batch_size"]) == (fits, fits)
+    # No files of a training run (an empty checkpoints/ and metrics.jsonl were): another probe may use the workdir.
+    assert sorted(p.name for p in workdir.iterdir()) == sorted([LOCK_FILE, "config.json", FEATURES_FILE,
+                                                                CLASSIFIER_FILE, METRICS_FILE])

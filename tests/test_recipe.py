@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 
 from jaxnets import ema, final_weights, mixing, parallel, train_step, training
 from jaxnets.cli.train import config_from_args
-from jaxnets.config import RECIPES, TrainConfig, resolve
+from jaxnets.config import RECIPES, TrainConfig, recipe_parts, resolve
 from jaxnets.ema import EmaSchedule
 from jaxnets.run_io import CONFIG_FILE, METRICS_FILE, read_metrics
 from jaxnets.weights import load_weights
@@ -336,6 +336,24 @@ def test_recipe_sets_torchvisions_v2_settings_that_flags_override_and_config_jso
     assert resolve(config_from_args(["--config", str(tmp_path / CONFIG_FILE)])) == config
     recorded = json.loads(config.to_json())
     assert recorded["mixup_alpha"] == 0.2 and recorded["model_ema"] is True and recorded["auto_augment"] == "ta_wide"
+
+
+def test_the_recipes_eval_sizes_follow_the_image_size_and_given_sizes_win():
+    """torchvision-v2 trains at 176 and evaluates at 232/224: at --image-size 64 it evaluates at the same ratios,
+    crop round(224 x 64/176) = round(81.45) = 81 and resize round(81 x 232/224) = round(83.89) = 84, and says so;
+    --val-crop-size and --val-resize-size given win (a given crop gets the recipe's resize ratio)."""
+    recipe = ["--model", "resnet50", "--dataset", "some/folder", "--recipe", "torchvision-v2"]
+    config = resolve(config_from_args([*recipe, "--image-size", "64"]))
+    assert (config.image_size, config.val_resize_size, config.val_crop_size) == (64, 84, 81)
+    sizes = config.data_config().eval_transform
+    assert (sizes.resize_size, sizes.crop_size) == (84, 81)
+    assert recipe_parts(config)[-1] == "eval resize 84 crop 81 (the recipe's 232/224 at 176 px, scaled to 64 px)"
+    given = resolve(config_from_args([*recipe, "--image-size", "64", "--val-crop-size", "72", "--val-resize-size",
+                                      "80"]))
+    assert (given.val_resize_size, given.val_crop_size) == (80, 72)
+    assert recipe_parts(given)[-1] == "eval resize 80 crop 72"
+    crop_only = resolve(config_from_args([*recipe, "--image-size", "64", "--val-crop-size", "64"]))
+    assert (crop_only.val_resize_size, crop_only.val_crop_size) == (66, 64)  # round(64 x 232/224) = round(66.29)
 
 
 def test_the_default_run_turns_none_of_the_recipe_on():

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from jaxnets import locks
 from jaxnets.cli import train as cli
 from jaxnets.config import TrainConfig, resolve
+from jaxnets.run_description import FEW_IMAGES_PER_CLASS, small_data_warning
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
@@ -35,7 +40,46 @@ def _error(capsys, argv: list[str]) -> str:
     (["--config", "no/such/config.json"], "--config no/such/config.json: no such file"),
 ])
 def test_bad_input_is_one_line_and_exit_status_1(capsys, tmp_path, argv, message):
-    assert message in _error(capsys, [*argv, "--workdir", str(tmp_path / "run"), "--compile-cache", ""])
+    """... and leaves nothing behind: not the workdir, nor the folder above it, both new."""
+    assert message in _error(capsys, [*argv, "--workdir", str(tmp_path / "runs" / "run"), "--compile-cache", ""])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_start_leaves_nothing_it_created_and_keeps_what_was_there(capsys, tmp_path, offline):
+    """--pretrained offline fails once the data is loaded and the run's files are open (its checkpoints folder,
+    metrics.jsonl, the lock): a new workdir goes again, a user's folder is left as it was."""
+    argv = ["--model", "resnet18", "--pretrained", "--steps", "1", "--compile-cache", ""]
+    new = tmp_path / "runs" / "new"
+    assert "cannot download https://download.pytorch.org/models/" in _error(capsys, [*argv, "--workdir", str(new)])
+    assert not (tmp_path / "runs").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    assert "cannot download" in _error(capsys, [*argv, "--workdir", str(mine)])
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "kept"
+
+
+def test_a_writer_waiting_on_a_lock_that_a_failed_start_removes_locks_the_new_file(tmp_path):
+    """A failed start removes the lock file it created while holding it (run_setup.owned_workdir): a writer that
+    had opened it and waits must not take the removed file's lock (two writers would then hold 'the' lock), but
+    one on the file at the path."""
+    workdir = tmp_path / "run"
+    held = threading.Event()
+    seen: list[bool] = []
+
+    def second_writer() -> None:
+        held.wait()
+        with locks.hold(workdir, wait=30) as path:
+            seen.append(path is not None and path.exists() and json.loads(path.read_text())["pid"] == os.getpid())
+
+    waiter = threading.Thread(target=second_writer)
+    waiter.start()
+    with locks.hold(workdir) as path:
+        held.set()
+        time.sleep(1.0)  # the waiter has opened the file and polls for its lock
+        path.unlink()
+    waiter.join(60)
+    assert seen == [True]
 
 
 def test_tiny_run_on_an_image_folder_leaves_a_complete_run_directory(capsys, tmp_path):
@@ -53,6 +97,7 @@ def test_tiny_run_on_an_image_folder_leaves_a_complete_run_directory(capsys, tmp
     assert train.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count(f"run directory: {workdir}") == 2  # printed at the start and at the end
+    assert "are few to train resnet18 from scratch at 16 px" in out  # small_data_warning
     assert "skipped 1 unreadable image file(s)" in out and "corrupt.png" in out
     for name in ("config.json", "metrics.jsonl", "curves.png", "confusion_matrix.png", "final_weights.safetensors"):
         assert (workdir / name).is_file(), name
@@ -62,9 +107,12 @@ def test_tiny_run_on_an_image_folder_leaves_a_complete_run_directory(capsys, tmp
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
     assert {"step", "epoch", "loss", "top1", "count"} <= set(records[-1]) and records[-1]["split"] == "val"
 
-    # The same workdir with another model is refused, and its checkpoint is kept.
+    # The same workdir with another model is refused, and it is kept as it was: a failed start removes only what
+    # it created.
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
     assert "holds a checkpoint (step 2) of a different run" in _error(capsys, [*argv, "--model", "resnet34"][2:])
-    assert (workdir / "checkpoints" / "2").is_dir()
+    assert (workdir / "checkpoints" / "2").is_dir() and locks.LOCK_FILE in before
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
 
     # --config replays the run: the recorded settings resolve to the very same config.json ...
     recorded = (workdir / "config.json").read_text()
@@ -104,3 +152,16 @@ def test_every_setting_is_a_flag_whose_default_is_the_fields():
     digits, folder = resolve(TrainConfig()), resolve(TrainConfig(dataset="some/folder", optimizer="adamw"))
     assert (digits.batch_size, digits.epochs, digits.weight_decay, digits.hflip) == (32, 10, 5e-4, False)
     assert (folder.batch_size, folder.epochs, folder.weight_decay, folder.lr) == (128, 90, 0.05, 1e-3)
+
+
+def test_a_from_scratch_run_on_few_images_per_class_is_warned_once_and_pointed_to_what_works():
+    """The warning's rule: from scratch, not the embedded digits, fewer than FEW_IMAGES_PER_CLASS per class."""
+    folder = resolve(TrainConfig(model="resnet18", dataset="some/folder"))
+    line = small_data_warning(folder, 39, 3)
+    assert line.startswith("warning: 39 training images for 3 classes (13 per class) are few to train resnet18 from "
+                           "scratch at 224 px") and "\n" not in line
+    assert all(flag in line for flag in ("--pretrained", "--image-size", "--linear-probe"))
+    assert small_data_warning(folder, 3 * FEW_IMAGES_PER_CLASS - 1, 3) is not None
+    assert small_data_warning(folder, 3 * FEW_IMAGES_PER_CLASS, 3) is None
+    assert small_data_warning(dataclasses.replace(folder, pretrained="IMAGENET1K_V1"), 39, 3) is None
+    assert small_data_warning(resolve(TrainConfig(model="resnet18")), 1437, 10) is None  # digits at 16 px

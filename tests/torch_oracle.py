@@ -15,7 +15,18 @@ import torch
 import torchvision
 
 import jaxnets
+from jaxnets import trees
 from jaxnets.registry import bound_options, model_class
+
+# Models deeper than this many convolutions run op by op in the tests: eager JAX compiles each operation once per
+# shape, and the deep ResNets repeat their blocks' shapes (so one worker compiles them once for all of them),
+# where a whole-graph compilation grows with the depth (ResNet-152: 6 s eager, 13 s jitted, one forward pass).
+EAGER_DEPTH = 100
+
+
+def runs_eagerly(variables) -> bool:
+    """Whether a test runs a model of these variables op by op (deeper than ``EAGER_DEPTH``) rather than jitted."""
+    return sum(key.endswith("kernel") for key in trees.flatten(variables)) > EAGER_DEPTH
 
 
 def one_per_family(prefer_batch_norm: bool = False) -> list[str]:

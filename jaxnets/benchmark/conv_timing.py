@@ -66,8 +66,9 @@ def conv_layers(name: str, batch_size: int, image_size: int) -> list[ConvLayer]:
     """``name``'s convolutions in the order they run, one entry per distinct configuration."""
     import torch
 
-    model = torchvision_model(name)
-    image = torch.zeros(batch_size, 3, image_size, image_size)
+    with torch.device("meta"):  # shapes are all this needs: no weights initialized, no arithmetic done
+        model = torchvision_model(name)
+        image = torch.zeros(batch_size, 3, image_size, image_size)
     seen: Counter[ConvLayer] = Counter()
 
     def record(conv: torch.nn.Conv2d, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:

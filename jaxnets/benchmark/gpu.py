@@ -412,7 +412,7 @@ def markdown(rows: Sequence[Row], context: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = errors.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true",
                         help="toy sizes for a CPU (32 px, batch 2, one timed step, a few JPEGs): tests the script")
     parser.add_argument("--model", default="resnet50", help="the headline model (default: resnet50)")

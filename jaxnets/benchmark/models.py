@@ -616,9 +616,9 @@ def report(results: Sequence[Result], context: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.Namespace:
-    """The flags, every one checked here, so that a mistake is argparse's one line (exit status 2) before
+    """The flags, every one checked here, so that a mistake is argparse's one line (exit status 1) before
     minutes of timing, never after."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+    parser = errors.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50", help="model name (see jaxnets.list_models())")
     parser.add_argument("--all", action="store_true", help="every registered model; writes --output")

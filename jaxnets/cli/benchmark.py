@@ -38,8 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     suite, rest = split_suite(sys.argv[1:] if argv is None else argv)
     prog = errors.command("benchmark")
     if suite not in SUITES:
-        print(f"{prog}: error: --suite: unknown suite {suite!r}; choose from {', '.join(SUITES)}", file=sys.stderr)
-        return 2
+        errors.print_error(prog, f"--suite: unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+        return errors.USAGE_STATUS
     if suite == "kernels":  # a driver of child processes: no allocator of its own to choose
         from jaxnets.benchmark import kernel_choice
         return kernel_choice.main(rest, prog=f"{prog} --suite kernels")

@@ -20,7 +20,7 @@ DESCRIPTION = ("Evaluate weights on a dataset: top-1, top-5, loss, per-class acc
 EXAMPLES = """\
     {cmd} --model resnet50 --pretrained IMAGENET1K_V2 --dataset ~/imagenet/val   # 1000 synset folders
     {cmd} --model resnet50 --pretrained --dataset imagenet2012 --data-dir ~/tensorflow_datasets
-    {cmd} --weights runs/resnet18-flowers            # a train.py run: its final weights on its dataset
+    {cmd} --weights runs/resnet18-flowers            # a train.py run: its final weights on what it held out
     {cmd} --weights my_resnet18.safetensors --dataset photos/ --preprocess tf
 
 Class folders are matched to the model's outputs by name: ImageNet's synset folders (n01440764, ...) to
@@ -32,7 +32,7 @@ train.py's tf.data pipeline (the default for train.py's weights).
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     """The argument parser; its examples name the command as the user runs it (``errors.command``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+    parser = errors.ArgumentParser(prog=prog, description=DESCRIPTION,
                                      epilog=EXAMPLES.format(cmd=errors.command("evaluate")),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model name (see jaxnets.list_models()); with --weights, read from the file")
@@ -48,7 +48,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="TFDS data dir (imagenet2012: the tars in DATA_DIR/downloads/manual)")
     parser.add_argument("--split", choices=SPLITS,
                         help="default: the validation split (a folder's val/, TFDS validation, the held-out part "
-                             "of a dataset without one); all images of a folder of class folders only")
+                             "of a dataset without one), for a train.py run directory on its own dataset always the "
+                             "images it held out; else all images of a folder of class folders only")
     parser.add_argument("--preprocess", choices=PREPROCESS,
                         help="torchvision: PIL, identical pixels to torchvision's weights.transforms() (default for "
                              "torchvision's and other PyTorch weights); tf: train.py's tf.data pipeline (default "

@@ -6,16 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from jaxnets import errors
-from jaxnets.errors import UserError
 from jaxnets.export import EXTRAS, FORMATS, ExportResult, check_format, export
 from jaxnets.export.to_onnx import DEFAULT_OPSET
 from jaxnets.export.to_stablehlo import DEFAULT_PLATFORMS
-from jaxnets.predict import category_names, eval_transform
+from jaxnets.predict import category_names, eval_transform, open_weights
 from jaxnets.registry import list_models
-from jaxnets.weights import instantiate, open_pretrained
+from jaxnets.weights import instantiate
 
 DESCRIPTION = """\
 Export a model as a directory that runs without jaxnets: the artifact, classes.txt (the weights' class names, or
@@ -28,13 +26,13 @@ a fresh process and compared with jaxnets' model.apply before it is written (--n
 EXAMPLES = """\
 examples:
     {cmd} --model resnet50 --format onnx --out r50-onnx      # torchvision's weights
-    {cmd} --model resnet18 --weights runs/resnet18-digits --format tflite --int8 --out digits-tflite
-    {cmd} --model resnet50 --weights final_weights.safetensors --format saved_model \\
+    {cmd} --weights runs/resnet18-digits --format tflite --int8 --out digits-tflite   # a run: its model
+    {cmd} --weights final_weights.safetensors --format saved_model \\
         --with-preprocessing --softmax --out r50-savedmodel
     {cmd} --model googlenet --format stablehlo --platforms cpu,cuda --out googlenet-stablehlo
 
 formats (and the pip extra each needs):
-    stablehlo     jax.export, serialized (model.stablehlo) and as MLIR text (model.mlir)
+    stablehlo     jax.export, serialized (model.stablehlo; --mlir-text: also as MLIR text, model.mlir)
     onnx          jax2onnx, checked with onnxruntime: {onnx}
     saved_model   jax2tf (TensorFlow comes with jaxnets)
     tflite        the TFLite converter, float32 (--int8: also int8 weights), run with LiteRT:
@@ -44,12 +42,14 @@ formats (and the pip extra each needs):
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     cmd = prog or errors.command("export")
-    parser = argparse.ArgumentParser(prog=cmd, description=DESCRIPTION,
+    parser = errors.ArgumentParser(prog=cmd, description=DESCRIPTION,
                                      epilog=EXAMPLES.format(cmd=cmd, onnx=errors.install_hint(EXTRAS["onnx"]),
                                                            tf=errors.install_hint(EXTRAS["tflite"])),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, metavar="NAME", help=f"model name: {', '.join(list_models())}")
-    parser.add_argument("--weights", metavar="FILE",
+    parser.add_argument("--model", metavar="NAME", help=f"model name: {', '.join(list_models())}; default: the one "
+                                                         "the --weights file or run directory records (needed for "
+                                                         "torchvision's weights)")
+    parser.add_argument("--weights", metavar="FILE|RUN_DIR",
                         help="jaxnets weights file, a train.py run directory (its final_weights.safetensors), or "
                              "torchvision's weights by name (default: IMAGENET1K_V1, converted on first use)")
     parser.add_argument("--format", required=True, help=f"artifact format: {', '.join(FORMATS)}")
@@ -64,6 +64,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="tflite: also write model.int8.tflite with dynamic-range int8 weights")
     parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
                         help=f"stablehlo: platforms to lower for (default {','.join(DEFAULT_PLATFORMS)})")
+    parser.add_argument("--mlir-text", action="store_true",
+                        help="stablehlo: also write the module as MLIR text (model.mlir), weights inlined as hex: "
+                             "twice their size")
     parser.add_argument("--force", action="store_true", help="replace an existing export directory")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip running the artifact in a fresh process against jaxnets")
@@ -81,28 +84,17 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
 
 def run(args: argparse.Namespace) -> ExportResult:
     """The export the parsed flags describe."""
-    check_format(args.format, int8=args.int8)  # before the weights are read (or converted, or downloaded)
-    weights_file = open_pretrained(args.model, _weights_path(args.weights))
+    # Before the weights are read (or converted, or downloaded):
+    check_format(args.format, int8=args.int8, mlir_text=args.mlir_text)
+    weights_file = open_weights(args.model, args.weights)  # predict's: a file or run directory names its model
     model, variables = instantiate(weights_file)
     metadata = {"weights": str(weights_file.path), "weights_sha256": weights_file.sha256}
     categories = None if getattr(model, "features_only", False) else category_names(weights_file)
-    return export(model, variables, args.format, args.out, transform=eval_transform(args.model, weights_file),
+    return export(model, variables, args.format, args.out, transform=eval_transform(weights_file.name, weights_file),
                   image_size=args.image_size, with_preprocessing=args.with_preprocessing, softmax=args.softmax,
                   categories=categories, force=args.force, verify=args.verify, opset=args.opset,
-                  int8=args.int8, platforms=tuple(p for p in args.platforms.split(",") if p), metadata=metadata)
-
-
-def _weights_path(weights: str | None) -> str | None:
-    """A run directory stands for its final weights; anything else is passed on as it is."""
-    if weights is None or not Path(weights).is_dir():
-        return weights
-    from jaxnets.final_weights import FINAL_WEIGHTS  # the name train.py gives them
-
-    final = Path(weights) / FINAL_WEIGHTS
-    if not final.is_file():
-        raise UserError(f"--weights {weights}: a directory without {FINAL_WEIGHTS}; give a weights file or a "
-                        "finished train.py run directory")
-    return str(final)
+                  int8=args.int8, platforms=tuple(p for p in args.platforms.split(",") if p),
+                  mlir_text=args.mlir_text, metadata=metadata)
 
 
 def _print(result: ExportResult) -> int:

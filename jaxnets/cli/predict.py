@@ -9,7 +9,6 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -23,7 +22,7 @@ from jaxnets.weights import instantiate
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=errors.command("predict"),
+    parser = errors.ArgumentParser(prog=errors.command("predict"),
                                      description="Top-K ImageNet (or fine-tuned) classes of each image.")
     parser.add_argument("--model", help="model name, e.g. resnet50 (see jaxnets.list_models()); default: the one "
                                         "the --weights file records (needed for torchvision's weights)")
@@ -42,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = parser.prog
     if args.top < 1 or args.batch_size < 1:
         parser.error("--top and --batch-size must be at least 1")
     if not 0 <= args.threshold <= 1:
@@ -54,8 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"to classify with")
         transform = predict.eval_transform(weights_file.name, weights_file)
     except (OSError, UserError) as exc:  # anything else is a bug in jaxnets: its traceback shows
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        errors.print_error(prog, str(exc))
+        return errors.USAGE_STATUS
     categories = predict.category_names(weights_file)
     multi_label = predict.is_multi_label(weights_file)
     forward = predict.make_forward(model)
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 arrays.append(predict.load_input(path, transform))
                 readable.append(path)
             except READ_ERRORS as exc:
-                print(f"error: {path}: cannot read image ({exc})", file=sys.stderr)
+                errors.print_error(prog, f"{path}: cannot read image ({exc})")
                 failed += 1
         if not arrays:
             continue
@@ -83,5 +83,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not best:
                 print(f"  (no class at probability {args.threshold:g} or more)")
     if failed:
-        print(f"error: {failed} of {len(args.images)} image(s) could not be read", file=sys.stderr)
-    return 1 if failed else 0
+        errors.print_error(prog, f"{failed} of {len(args.images)} image(s) could not be read")
+    return errors.USAGE_STATUS if failed else 0

@@ -85,7 +85,7 @@ def _wrapped_help(prog: str) -> argparse.HelpFormatter:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """One flag per ``TrainConfig`` field, generated: the field owns the default and the help."""
     # A short usage line: the generated one lists all ~60 flags in 20 lines above the help that explains them.
-    p = argparse.ArgumentParser(prog=prog or errors.command("train"), description=__doc__.split("\n\n")[0],
+    p = errors.ArgumentParser(prog=prog or errors.command("train"), description=__doc__.split("\n\n")[0],
                                 usage="%(prog)s [-h] [--config FILE] [--model MODEL] [--dataset DATASET] [options]",
                                 formatter_class=_wrapped_help)
     p.add_argument(CONFIG_FLAG, metavar="FILE", help="start from the settings of a run's config.json (what it "

@@ -16,7 +16,7 @@ the checks that folder images will decode in ``image_checks``. TensorFlow is imp
 Every public name is re-exported here: ``from jaxnets.data import DataConfig, load_dataset``.
 """
 
-from jaxnets.data.config import DIGITS, DataConfig, DataError, parse_classes
+from jaxnets.data.config import DIGITS, ChannelMismatch, DataConfig, DataError, parse_classes
 from jaxnets.data.dataset import Batch, Dataset
 from jaxnets.data.folder import VAL_DIRS
 from jaxnets.data.indexed import IndexedSplit
@@ -29,7 +29,7 @@ from jaxnets.data.tfds import TfdsSplit
 from jaxnets.data.transforms import IMAGE_EXTENSIONS, center_crop, decode_rgb, random_resized_crop, resize_shorter
 
 __all__ = [
-    "DIGITS", "IMAGE_EXTENSIONS", "SHUFFLE_BUFFER", "SPLIT_SEED", "VAL_DIRS", "Batch", "DataConfig", "DataError",
-    "Dataset", "IndexedSplit", "Shard", "Source", "Split", "StreamedSplit", "TfdsSplit", "center_crop", "decode_rgb",
-    "load_dataset", "parse_classes", "random_resized_crop", "resize_shorter", "tf",
+    "DIGITS", "IMAGE_EXTENSIONS", "SHUFFLE_BUFFER", "SPLIT_SEED", "VAL_DIRS", "Batch", "ChannelMismatch", "DataConfig",
+    "DataError", "Dataset", "IndexedSplit", "Shard", "Source", "Split", "StreamedSplit", "TfdsSplit", "center_crop",
+    "decode_rgb", "load_dataset", "parse_classes", "random_resized_crop", "resize_shorter", "tf",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxnets.data.config import DataError
+from jaxnets.data.config import ChannelMismatch, DataError
 
 ARRAY_EXTENSION = ".npy"
 # Array dtype -> the factor that brings its values to pixel units 0..255 (what an 8-bit image holds).
@@ -32,7 +32,7 @@ def array_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype]:
 
 def check_array(path: str | Path, in_chans: int) -> str | None:
     """Why the ``.npy`` file ``path`` cannot be read as an example (None when it can): not a numpy array file,
-    another rank or an unsupported dtype. A channel count other than ``in_chans`` is a ``DataError``: not a file
+    another rank or an unsupported dtype. A channel count other than ``in_chans`` is a ``ChannelMismatch``: not a file
     to skip but a run set up for other data."""
     try:
         shape, dtype = array_header(path)
@@ -44,8 +44,8 @@ def check_array(path: str | Path, in_chans: int) -> str | None:
         return f"array of dtype {dtype}, expected uint8, uint16 or float (in [0, 1])"
     channels = shape[2] if len(shape) == 3 else 1
     if channels != in_chans:
-        raise DataError(f"--in-chans {in_chans}: {path} has shape {shape} ({channels} channel(s)); the model takes "
-                        f"(H, W, {in_chans}) arrays: pass --in-chans {channels}")
+        raise ChannelMismatch(in_chans, f"{path} has shape {shape} ({channels} channel(s))", str(channels),
+                              f"the model takes (H, W, {in_chans}) arrays: pass --in-chans {channels}")
     return None
 
 

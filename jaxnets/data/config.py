@@ -29,6 +29,16 @@ class DataError(UserError):
     """A dataset that cannot be used, with a one-line reason naming the dataset, folder or file."""
 
 
+class ChannelMismatch(DataError):
+    """Data of other channels than the model takes (``in_chans``). The message names ``train.py``'s ``--in-chans``,
+    which sets them there; a command whose model's channels come from elsewhere (``jaxnets-evaluate``: the weights)
+    words its own from ``found`` (what the data is) and ``fits`` (the ``in_chans`` that would read it)."""
+
+    def __init__(self, in_chans: int, found: str, fits: str, advice: str) -> None:
+        super().__init__(f"--in-chans {in_chans}: {found}; {advice}")
+        self.in_chans, self.found, self.fits = in_chans, found, fits
+
+
 class TooFewExamples(DataError):
     """Fewer training examples than one global batch. ``examples`` (all processes together) lets a caller that
     chose the batch size itself (``train.py``'s default) pick one that fits, and one that did not propose it."""

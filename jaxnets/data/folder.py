@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxnets.data.arrays import ARRAY_EXTENSION, check_array, is_array_file
-from jaxnets.data.config import DataConfig, DataError
+from jaxnets.data.config import ChannelMismatch, DataConfig, DataError
 from jaxnets.data.image_checks import check_images
 from jaxnets.data.indexed import IndexedSplit
 from jaxnets.data.labels import SPLIT_SEED, held_out
@@ -117,7 +117,7 @@ def _class_dirs(root: Path) -> tuple[str, ...]:
 def _scan(root: Path, class_names: Sequence[str], in_chans: int = 3) -> tuple[IndexedSplit, list[str]]:
     """Image files (and ``.npy`` arrays) under ``root/<class>/``, sorted; unreadable ones are skipped and returned.
     An image file where ``in_chans`` is neither 1 nor 3, or an array of other than ``in_chans`` channels, is a
-    ``DataError``: the run is set up for other data."""
+    ``ChannelMismatch``: the run is set up for other data."""
     candidates = []
     for label, name in enumerate(class_names):
         directory = root / name
@@ -126,8 +126,9 @@ def _scan(root: Path, class_names: Sequence[str], in_chans: int = 3) -> tuple[In
                            if p.suffix.lower() in (*IMAGE_EXTENSIONS, ARRAY_EXTENSION) and p.is_file()]
     image = next((path for path, _ in candidates if not is_array_file(path)), None)
     if image is not None and in_chans not in IMAGE_CHANNELS:
-        raise DataError(f"--in-chans {in_chans}: {image} is an image file, which decodes to 1 or 3 channels; "
-                        f"give {in_chans}-channel examples as .npy arrays (H, W, {in_chans})")
+        raise ChannelMismatch(in_chans, f"{image} is an image file, which decodes to 1 or 3 channels",
+                              " or ".join(map(str, IMAGE_CHANNELS)),
+                              f"give {in_chans}-channel examples as .npy arrays (H, W, {in_chans})")
 
     problems = file_problems([path for path, _ in candidates], in_chans)
     good = [c for c, problem in zip(candidates, problems, strict=True) if problem is None]

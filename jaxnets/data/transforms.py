@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from jaxnets.data import autoaugment, erasing
 from jaxnets.data.arrays import ARRAY_EXTENSION, load_array
-from jaxnets.data.config import DataConfig, DataError
+from jaxnets.data.config import ChannelMismatch, DataConfig
 from jaxnets.data.lazy_tf import tf
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what decode_rgb reads
@@ -176,8 +176,8 @@ def to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
 def check_channels(have: int | None, want: int, what: str) -> None:
     """Images of ``have`` channels can feed a model of ``want`` (``--in-chans``) when they are equal, or are
     gray and RGB (gray repeated to RGB, as PIL's ``convert('RGB')``; RGB to its luma); anything else is a
-    ``DataError`` naming both."""
+    ``ChannelMismatch`` naming both."""
     if have == want or (have in IMAGE_CHANNELS and want in IMAGE_CHANNELS):
         return
-    raise DataError(f"--in-chans {want}: {what} have {have} channel(s); use --in-chans {have} or convert them")
+    raise ChannelMismatch(want, f"{what} have {have} channel(s)", str(have), f"use --in-chans {have} or convert them")
 

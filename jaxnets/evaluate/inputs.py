@@ -159,13 +159,14 @@ def _pil_batches(sources: Iterator[tuple[Any, int, bool]], transform: EvalTransf
 
 def load_eval_data(dataset: str, data_dir: str | None, split: str | None, transform: EvalTransform,
                    global_batch: int, outputs: Sequence[Sequence[str]], shard: Shard | None = None,
-                   val_fraction: float = 0.2) -> EvalData:
+                   val_fraction: float = DataConfig.val_fraction) -> EvalData:
     """The split ``split`` of ``dataset`` (as ``train.py`` reads it), labels mapped to the model's outputs.
 
     ``split`` None is the validation split where the dataset has one (a folder's ``val/``, TFDS
     ``validation``, the digits' held-out part), and every image of a folder without one (ImageNet's val
-    layout: class folders only). ``outputs[i]`` are the names output ``i`` answers to (ImageNet's: its
-    WordNet id and its name)."""
+    layout: class folders only). ``val_fraction``: what a dataset without a validation split holds out of its
+    training images, as ``train.py --val-fraction`` (``jaxnets.data``'s one rule: the same images for the same
+    fraction). ``outputs[i]`` are the names output ``i`` answers to (ImageNet's: its WordNet id and its name)."""
     shard = shard or Shard()
     if split is not None and split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")

@@ -21,7 +21,7 @@ SHOWN_CLASSES = 30  # per-class rows printed: all up to this many classes, else 
 
 
 def build(about: dict[str, Any], names: Sequence[str], data: EvalData, records: Records, metrics: dict[str, Any],
-          *, preprocess: str, transform: EvalTransform, images_per_second: float, seconds: float,
+          *, preprocess: str, transform: EvalTransform, images_per_second: float | None, seconds: float,
           devices: int) -> dict[str, Any]:
     """The content of ``eval.json``: ``about`` the weights (model, file, hashes, torchvision's version and
     published accuracy), then the evaluation; ``names``: the model's class names, one per output."""
@@ -43,7 +43,7 @@ def build(about: dict[str, Any], names: Sequence[str], data: EvalData, records: 
                            "interpolation": transform.interpolation, "mean": list(transform.mean),
                            "std": list(transform.std)},
         "notes": data.notes, "metrics": metrics, "devices": devices, "seconds": round(seconds, 3),
-        "images_per_second": round(images_per_second, 2),
+        "images_per_second": None if images_per_second is None else round(images_per_second, 2),
         "per_class": m.per_class(records, names, num_outputs),
         "most_confused": m.most_confused(records, names),
         "predictions": predictions,
@@ -70,7 +70,10 @@ def show(payload: dict[str, Any], output: Path | None) -> None:
             f"--preprocess {payload['preprocess']}): top-1 {100 * metrics['top1']:.3f} %")
     if "top5" in metrics:
         line += f", top-5 {100 * metrics['top5']:.3f} %"
-    line += f", loss {metrics['loss']:.4f}; {payload['images_per_second']:.1f} images/s"
+    rate = payload["images_per_second"]
+    line += f", loss {metrics['loss']:.4f}; " + (f"{rate:.1f} images/s" if rate is not None else
+                                                 f"{payload['seconds']:.1f} s in one batch, compiling included: "
+                                                 "too few images to time")
     print(line)
     if payload["published"]:
         print(f"torchvision publishes {payload['torchvision_weights']}: acc@1 {payload['published']['acc1']:.3f} %, "

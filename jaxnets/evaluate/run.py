@@ -1,6 +1,7 @@
 """Evaluate a weights file on a dataset: which weights, which images, and the pass over them on every device.
 
-The weights are a file, a ``train.py`` run directory (its final weights, on its dataset by default) or
+The weights are a file, a ``train.py`` run directory (its final weights, by default on the split of its dataset it
+held out for validation, never on its training images) or
 torchvision's by name; the eval transform is the weights' own (IMAGENET1K_V2: resize 232, crop 224; a
 fine-tuned file: the sizes it was validated at). ``--preprocess torchvision`` is PIL exactly as torchvision's
 ``weights.transforms()`` (the default for torchvision's and other PyTorch weights); ``tf`` is ``train.py``'s
@@ -20,14 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import evaluation, parallel, predict
-from jaxnets.data import Shard
+from jaxnets import errors, evaluation, parallel, predict
+from jaxnets.data import ChannelMismatch, DataError, Shard
 from jaxnets.errors import UserError
 from jaxnets.eval_transform import EvalTransform
 from jaxnets.evaluate import report
 from jaxnets.evaluate.inputs import PREPROCESS, EvalData, load_eval_data
 from jaxnets.evaluation import TOP_K, Records, summary
-from jaxnets.final_weights import FINAL_WEIGHTS
 from jaxnets.registry import PretrainedWeights, get_spec, imagenet_categories, imagenet_wnids
 from jaxnets.run_io import CONFIG_FILE
 from jaxnets.weights import WeightsFile, instantiate, load_weights, open_pretrained, torchvision_weights_of
@@ -121,13 +121,11 @@ def open_weights(config: EvalConfig) -> Weights:
             raise UserError("--pretrained needs --model NAME")
         weights_file = open_pretrained(config.model, config.pretrained)
     else:
-        path = Path(config.weights)
-        if path.is_dir():
-            run_config = _run_settings(path)
-            path = path / FINAL_WEIGHTS
-        weights_file = load_weights(path)
+        weights_file = load_weights(predict.weights_path(config.weights))  # a run directory: its final weights
+        if Path(config.weights).is_dir():
+            run_config = _run_settings(Path(config.weights))
         if config.model is not None and get_spec(config.model).name != weights_file.name:
-            raise UserError(f"--model {config.model}: {path} holds {weights_file.name} weights")
+            raise UserError(f"--model {config.model}: {weights_file.path} holds {weights_file.name} weights")
     return Weights(weights_file, torchvision_weights_of(weights_file), run_config)
 
 
@@ -149,17 +147,29 @@ def evaluate(config: EvalConfig) -> EvalResult:
     preprocess = config.preprocess or weights.default_preprocess
     if preprocess not in PREPROCESS:
         raise UserError(f"--preprocess {preprocess!r}: choose one of {', '.join(PREPROCESS)}")
-    dataset = config.dataset or weights.run_config.get("dataset")
+    run = weights.run_config
+    dataset = config.dataset or run.get("dataset")
     if dataset is None:
         raise UserError("--dataset is needed (a folder of class folders, 'digits', or a TFDS name such as "
                         "imagenet2012)")
+    # The run's own data: split as train.py split it (its --val-fraction), evaluated by default on what it held out.
+    own = "dataset" in run and _same_dataset(dataset, run["dataset"])
+    split = config.split or ("val" if own else None)
     mesh = parallel.make_mesh(config.devices)
     global_batch = _global_batch(config.batch_size, mesh.devices.size)
     parallel.check_batch_size(global_batch, mesh)
     transform = weights.transform
-    data = load_eval_data(dataset, config.data_dir or weights.run_config.get("data_dir"), config.split, transform,
-                          global_batch, weights.output_names(), Shard(jax.process_index(), jax.process_count()),
-                          val_fraction=weights.run_config.get("val_fraction", 0.2))
+    try:
+        data = load_eval_data(dataset, config.data_dir or run.get("data_dir"), split, transform, global_batch,
+                              weights.output_names(), Shard(jax.process_index(), jax.process_count()),
+                              **({"val_fraction": run["val_fraction"]} if own and "val_fraction" in run else {}))
+    except ChannelMismatch as error:  # its message names train.py's --in-chans; here the weights decide
+        raise DataError(f"{weights.file.path}: a model of in_chans={error.in_chans} (its weights decide), but "
+                        f"{error.found}: evaluate it on {error.in_chans}-channel data, or evaluate weights trained "
+                        f"with {errors.command('train')} --in-chans {error.fits}") from None
+    if own and config.split is None:
+        data.notes.insert(0, f"{config.weights}: evaluated on the {len(data)} images the run held out for validation "
+                             f"(--split {split}); --split train or all for the others")
     model, variables = instantiate(weights.file, dtype=jnp.dtype(config.dtype))
     num_outputs = weights.file.num_classes
     step = evaluation.make_eval_step(model.apply, mesh, min(TOP_K, num_outputs))
@@ -181,6 +191,14 @@ def evaluate(config: EvalConfig) -> EvalResult:
     return EvalResult(metrics, records, data, payload, output)
 
 
+def _same_dataset(a: str, b: str) -> bool:
+    """Whether two spellings name the same dataset: the same folder (however the path is written), or name."""
+    if a == b:
+        return True
+    folder_a, folder_b = Path(a).expanduser(), Path(b).expanduser()
+    return folder_a.is_dir() and folder_b.is_dir() and folder_a.resolve() == folder_b.resolve()
+
+
 def _global_batch(batch_size: int | None, devices: int) -> int:
     if batch_size is not None:
         return batch_size
@@ -198,9 +216,10 @@ def _output_dir(config: EvalConfig, weights: Weights, data: EvalData) -> Path:
 
 
 def run_pass(step: Callable, variables: Any, batches: Iterator[dict[str, np.ndarray]], mesh: Any, total: int, *,
-             enabled: bool = True) -> tuple[Records, float]:
+             enabled: bool = True) -> tuple[Records, float | None]:
     """Every batch through ``step`` (``jaxnets.evaluation.run_pass``), with a progress bar: the records of the
-    real images, in order, and the images per second after the first batch (which includes compiling)."""
+    real images, in order, and the images per second after the first batch (which includes compiling); None for
+    a pass of one batch, which nothing is left to time after."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, unit="img", desc="evaluating", dynamic_ncols=True, disable=not enabled)
@@ -216,7 +235,7 @@ def run_pass(step: Callable, variables: Any, batches: Iterator[dict[str, np.ndar
 
     records = Records.of(evaluation.run_pass(step, variables, batches, mesh, on_batch=arrived))
     bar.close()
-    rate = 0.0
+    rate = None
     if first_done is not None and done > first_done[1]:
         rate = (done - first_done[1]) / max(time.perf_counter() - first_done[0], 1e-9)
     return records, rate

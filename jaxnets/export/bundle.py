@@ -1,6 +1,6 @@
 """The export directory: the artifact with what a deployment needs beside it, written all at once or not at all.
 
-    <out>/model.onnx | model.stablehlo + model.mlir | saved_model/ | model.tflite (+ model.int8.tflite)
+    <out>/model.onnx | model.stablehlo (+ model.mlir) | saved_model/ | model.tflite (+ model.int8.tflite)
     <out>/classes.txt     class names, line i = class i (when known)
     <out>/export.json     what the artifact takes and gives, how it was made (machine-readable)
     <out>/README.txt      the same for people, with how to load it
@@ -107,7 +107,8 @@ _LOADING = {
     "stablehlo": """\
     from jax import export                      # any JAX, no jaxnets or Flax
     exported = export.deserialize(bytearray(open("{dir}/{model}", "rb").read()))
-    outputs = exported.call(images)              # on any of the platforms above""",
+    outputs = exported.call(images)              # on any of the platforms above
+    text = exported.mlir_module()                # the StableHLO module as MLIR text, weights inlined""",
     "onnx": """\
     import onnxruntime
     session = onnxruntime.InferenceSession("{dir}/{model}")

@@ -55,7 +55,7 @@ def export(model: nn.Module, variables: Mapping[str, Any], format: str, path: st
            transform: EvalTransform | None = None, image_size: int | None = None, with_preprocessing: bool = False,
            softmax: bool = False, categories: Sequence[str] | None = None, force: bool = False, verify: bool = True,
            opset: int = DEFAULT_OPSET, int8: bool = False, platforms: Sequence[str] = DEFAULT_PLATFORMS,
-           metadata: Mapping[str, Any] | None = None) -> ExportResult:
+           mlir_text: bool = False, metadata: Mapping[str, Any] | None = None) -> ExportResult:
     """Export a model's eval forward pass (``model.apply(variables, images, train=False)``: a classifier's logits,
     GoogLeNet's without aux heads, a ``features_only`` backbone's list of maps) as ``format`` (one of ``FORMATS``)
     into the directory ``path``; see ``export_function``.
@@ -86,7 +86,7 @@ def export(model: nn.Module, variables: Mapping[str, Any], format: str, path: st
     return export_function(fn, variables, format, path, input_shape=(size, size, channels),
                            input_dtype="uint8" if with_preprocessing else "float32", output_names=names,
                            categories=categories, force=force, verify=verify, opset=opset, int8=int8,
-                           platforms=platforms, description={**description, **(metadata or {})},
+                           platforms=platforms, mlir_text=mlir_text, description={**description, **(metadata or {})},
                            default_categories=levels is None)
 
 
@@ -101,8 +101,8 @@ def export_function(fn: Callable[[Any, jax.Array], Any], params: Any, format: st
                     input_shape: Sequence[int], input_dtype: Any = "float32",
                     output_names: Sequence[str] | None = None, categories: Sequence[str] | None = None,
                     force: bool = False, verify: bool = True, opset: int = DEFAULT_OPSET, int8: bool = False,
-                    platforms: Sequence[str] = DEFAULT_PLATFORMS, description: Mapping[str, Any] | None = None,
-                    default_categories: bool = False) -> ExportResult:
+                    platforms: Sequence[str] = DEFAULT_PLATFORMS, mlir_text: bool = False,
+                    description: Mapping[str, Any] | None = None, default_categories: bool = False) -> ExportResult:
     """Export ``fn(params, images)`` for a batch of any size of ``input_shape`` examples as ``format`` into the
     export directory ``path`` (see ``jaxnets.export.bundle``); ``fn`` returns an array or a list/tuple of arrays,
     each with the batch axis first (named ``output_names``). ``params`` are the weights: embedded as constants
@@ -111,16 +111,18 @@ def export_function(fn: Callable[[Any, jax.Array], Any], params: Any, format: st
     ``verify`` runs the artifact in a fresh process with only its runtime, on random batches of 1 and 3, and
     refuses it (a ``VerificationError``, nothing written) unless it reproduces ``jax.jit(fn)`` to
     1e-4 * (1 + max |output|). ``opset``: ONNX's; ``int8``: TFLite also as ``model.int8.tflite`` with dynamic-range
-    int8 weights (not held to the tolerance); ``platforms``: StableHLO's. An existing ``path`` is replaced only
+    int8 weights (not held to the tolerance); ``platforms``: StableHLO's, ``mlir_text``: StableHLO's module also as
+    MLIR text (``model.mlir``, twice the weights' size). An existing ``path`` is replaced only
     with ``force``. A missing optional dependency is a ``MissingDependency`` naming the pip extra."""
-    check_format(format, int8=int8)
+    check_format(format, int8=int8, mlir_text=mlir_text)
     fn = kernels.bind(fn, "xla")  # traced (signature, artifact, verification) with XLA's formulations only
     path = Path(path)
     bundle.check_destination(path, force)  # before minutes of conversion
     signature = signature_of(fn, params, input_shape, input_dtype, output_names)
     started = time.perf_counter()
     with bundle.staging(path, force) as directory:
-        info = _write(format, fn, params, signature, directory, opset=opset, int8=int8, platforms=platforms)
+        info = _write(format, fn, params, signature, directory, opset=opset, int8=int8, platforms=platforms,
+                      mlir_text=mlir_text)
         outputs = signature.describe()
         if categories is None and default_categories and outputs["outputs"][0]["shape"][1:] == [1000]:
             categories = imagenet_categories()
@@ -139,23 +141,25 @@ def export_function(fn: Callable[[Any, jax.Array], Any], params: Any, format: st
 
 
 
-def check_format(format: str, *, int8: bool = False) -> None:
+def check_format(format: str, *, int8: bool = False, mlir_text: bool = False) -> None:
     """A ``UserError`` for an unknown format or an option it does not take, a ``MissingDependency`` (naming the
     pip extra) when its converter is not installed: checked before any work."""
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if int8 and format != "tflite":
         raise UserError(f"--int8 applies to the tflite format, not {format}")
+    if mlir_text and format != "stablehlo":
+        raise UserError(f"--mlir-text applies to the stablehlo format, not {format}")
     for module in _CONVERTERS[format]:
         require(module, format)
 
 
 def _write(format: str, fn: Callable[[Any, jax.Array], Any], params: Any, signature: Signature, directory: Path, *,
-           opset: int, int8: bool, platforms: Sequence[str]) -> dict[str, Any]:
+           opset: int, int8: bool, platforms: Sequence[str], mlir_text: bool) -> dict[str, Any]:
     if format == "stablehlo":
         from jaxnets.export import to_stablehlo
 
-        return to_stablehlo.write(fn, params, signature, directory, platforms=platforms)
+        return to_stablehlo.write(fn, params, signature, directory, platforms=platforms, mlir_text=mlir_text)
     if format == "onnx":
         from jaxnets.export import to_onnx
 

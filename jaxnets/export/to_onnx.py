@@ -13,7 +13,9 @@ opsets are accepted and verified the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from jaxnets.export.signature import BATCH, Signature
 MODEL_FILE = "model.onnx"
 DEFAULT_OPSET = 18
 MIN_OPSET = 18
+SERIALIZER_LOGGER = "onnx_ir.serde"  # its warnings about untyped shape constants: see _quiet
 _PROTOBUF_LIMIT = 2**31 - 1  # above it, ONNX stores the weights in a file of their own (external data)
 
 
@@ -42,16 +45,32 @@ def write(fn: Callable[[Any, jax.Array], Any], params: Any, signature: Signature
     onnx = require("onnx", "onnx")
     batch, = jax.export.symbolic_shape(BATCH)
     spec = jax.ShapeDtypeStruct((batch, *signature.input_shape), signature.input_dtype)
-    model = jax2onnx.to_onnx(_with_onnx_pools(lambda images: fn(params, images)), inputs=[spec],
-                             model_name=model_name, opset=opset, input_names=[signature.input_name],
-                             output_names=list(signature.output_names))
-    files = {"model": MODEL_FILE}
-    external = model.ByteSize() > _PROTOBUF_LIMIT
-    if external:
-        files["weights"] = MODEL_FILE + ".data"
-    onnx.save_model(model, str(directory / MODEL_FILE), save_as_external_data=external,
-                    location=files.get("weights"))
+    with _quiet(SERIALIZER_LOGGER):
+        model = jax2onnx.to_onnx(_with_onnx_pools(lambda images: fn(params, images)), inputs=[spec],
+                                 model_name=model_name, opset=opset, input_names=[signature.input_name],
+                                 output_names=list(signature.output_names))
+        files = {"model": MODEL_FILE}
+        external = model.ByteSize() > _PROTOBUF_LIMIT
+        if external:
+            files["weights"] = MODEL_FILE + ".data"
+        onnx.save_model(model, str(directory / MODEL_FILE), save_as_external_data=external,
+                        location=files.get("weights"))
     return {"files": files, "opset": opset, "converter": f"jax2onnx {_version('jax2onnx')}"}
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """The logger ``name`` at ERROR within the block, as it was after. onnx_ir's serializer warns "The value type
+    for shape [1] is not known ... Skipping serialization" for each shape constant that jax2onnx (0.17) leaves
+    without a type in the graph's ``value_info``: an optional annotation left out, the graph unchanged (and then
+    verified against jaxnets) -- nothing for a user to do."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _version(distribution: str) -> str:
