@@ -619,7 +619,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.
     """The flags, every one checked here, so that a mistake is argparse's one line (exit status 1) before
     minutes of timing, never after."""
     parser = errors.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50", help="model name (see jaxnets.list_models())")
     parser.add_argument("--all", action="store_true", help="every registered model; writes --output")
     parser.add_argument("--batch-size", type=int, default=16)

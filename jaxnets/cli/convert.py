@@ -37,8 +37,8 @@ The output is written atomically (temp file + rename) and is never the input fil
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The argument parser; its examples name the command as the user runs it (``errors.command``)."""
     parser = errors.ArgumentParser(prog=prog, description=DESCRIPTION,
-                                     epilog=EXAMPLES.format(cmd=errors.command("convert")),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   epilog=EXAMPLES.format(cmd=errors.command("convert")),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="model name, one of jaxnets.list_models()")
     parser.add_argument("--all", action="store_true", help="convert torchvision's weights of every registered model")
     parser.add_argument("--from", dest="source", metavar="FILE",

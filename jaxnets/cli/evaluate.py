@@ -33,8 +33,8 @@ train.py's tf.data pipeline (the default for train.py's weights).
 def build_parser(prog: str) -> argparse.ArgumentParser:
     """The argument parser; its examples name the command as the user runs it (``errors.command``)."""
     parser = errors.ArgumentParser(prog=prog, description=DESCRIPTION,
-                                     epilog=EXAMPLES.format(cmd=errors.command("evaluate")),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   epilog=EXAMPLES.format(cmd=errors.command("evaluate")),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model name (see jaxnets.list_models()); with --weights, read from the file")
     parser.add_argument("--weights", metavar="FILE|RUN_DIR",
                         help="a jaxnets weights file, or a train.py run directory (its final weights, and by default "

@@ -43,9 +43,9 @@ formats (and the pip extra each needs):
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     cmd = prog or errors.command("export")
     parser = errors.ArgumentParser(prog=cmd, description=DESCRIPTION,
-                                     epilog=EXAMPLES.format(cmd=cmd, onnx=errors.install_hint(EXTRAS["onnx"]),
-                                                           tf=errors.install_hint(EXTRAS["tflite"])),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   epilog=EXAMPLES.format(cmd=cmd, onnx=errors.install_hint(EXTRAS["onnx"]),
+                                                          tf=errors.install_hint(EXTRAS["tflite"])),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", metavar="NAME", help=f"model name: {', '.join(list_models())}; default: the one "
                                                          "the --weights file or run directory records (needed for "
                                                          "torchvision's weights)")

@@ -23,7 +23,7 @@ from jaxnets.weights import instantiate
 
 def build_parser() -> argparse.ArgumentParser:
     parser = errors.ArgumentParser(prog=errors.command("predict"),
-                                     description="Top-K ImageNet (or fine-tuned) classes of each image.")
+                                   description="Top-K ImageNet (or fine-tuned) classes of each image.")
     parser.add_argument("--model", help="model name, e.g. resnet50 (see jaxnets.list_models()); default: the one "
                                         "the --weights file records (needed for torchvision's weights)")
     parser.add_argument("--weights", help="jaxnets weights file, or torchvision's weights by name (IMAGENET1K_V2; "

@@ -86,8 +86,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """One flag per ``TrainConfig`` field, generated: the field owns the default and the help."""
     # A short usage line: the generated one lists all ~60 flags in 20 lines above the help that explains them.
     p = errors.ArgumentParser(prog=prog or errors.command("train"), description=__doc__.split("\n\n")[0],
-                                usage="%(prog)s [-h] [--config FILE] [--model MODEL] [--dataset DATASET] [options]",
-                                formatter_class=_wrapped_help)
+                              usage="%(prog)s [-h] [--config FILE] [--model MODEL] [--dataset DATASET] [options]",
+                              formatter_class=_wrapped_help)
     p.add_argument(CONFIG_FLAG, metavar="FILE", help="start from the settings of a run's config.json (what it "
                                                       "resolved); flags given as well override them")
     groups: dict[str, argparse._ArgumentGroup] = {}
