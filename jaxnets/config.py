@@ -127,20 +127,39 @@ class Log:
         return self.text.format(value) if value else None
 
 
+@dataclass(frozen=True)
+class ModelOption:
+    """The model option (``create_model``'s keyword ``name``) a setting sets: the setting's value, or its negation
+    for a ``--no-X`` switch (``negate``). It is given to the model only when the setting differs from its default,
+    so every family trains by default; a model without the option refuses the setting (``missing``: what the error
+    says the model lacks)."""
+
+    name: str
+    negate: bool = False
+    missing: str | None = None
+
+    def value(self, setting_value: Any) -> Any:
+        return not setting_value if self.negate else setting_value
+
+    def refusal(self, flag: str, model: str) -> str:
+        return f"{flag}: {model} has {self.missing or f'no option {self.name}'}"
+
+
 def setting(default: Any = None, help: str | Callable[[], str] = "", *, group: str | None,
             auto: ByDataset | ByOptimizer | None = None, valid: Range | None = None, resume: bool = False,
-            data: bool = False, log: Log | None = None, **argparse: Any) -> Any:
+            data: bool = False, log: Log | None = None, model: ModelOption | None = None, **argparse: Any) -> Any:
     """A ``TrainConfig`` field and everything else about it, declared once: the help text, the flag group
     (``None``: no flag), the default resolved from the model or the data when the field is None (``auto``), the
     range its values must lie in (``valid``; ``resolve`` checks it), whether a resumed run must have the value
     its checkpoint was saved with (``resume``: anything that changes what a step means, the model, the data and
     how it is batched and augmented, or the optimizer state's structure), whether it feeds ``DataConfig``'s field
-    of the same name (``data``: that field's declared range is the setting's; ``TrainConfig.data_config``), its
-    part of the run description (``log``), and argparse keywords the field's type does not imply (choices,
-    nargs, a parser for the text). What reads them: ``options`` and the functions after it."""
+    of the same name (``data``: that field's declared range is the setting's; ``TrainConfig.data_config``), the
+    model option it sets (``model``; ``TrainConfig.model_options``), its part of the run description (``log``),
+    and argparse keywords the field's type does not imply (choices, nargs, a parser for the text). What reads
+    them: ``options`` and the functions after it."""
     return dataclasses.field(default=default, metadata={"help": help, "group": group, "auto": auto,
                                                         "valid": valid, "resume": resume, "data": data, "log": log,
-                                                        "argparse": argparse})
+                                                        "model": model, "argparse": argparse})
 
 
 @dataclass(frozen=True)
@@ -154,6 +173,8 @@ class Option:
     resume: bool
     data: bool
     log: Log | None
+    model: ModelOption | None = None
+    default: Any = None
 
     @property
     def flag(self) -> str:
@@ -174,7 +195,8 @@ def options(cls: type[TrainConfig] | None = None) -> tuple[Option, ...]:
         if meta["data"] and meta["valid"] is not None:
             raise TypeError(f"TrainConfig.{field.name}: a data setting's range is DataConfig.{field.name}'s")
         valid = data_ranges.get(field.name) if meta["data"] else meta["valid"]
-        declared.append(Option(field.name, meta["group"], valid, meta["resume"], meta["data"], meta["log"]))
+        declared.append(Option(field.name, meta["group"], valid, meta["resume"], meta["data"], meta["log"],
+                               meta["model"], field.default))
     return tuple(declared)
 
 
@@ -274,13 +296,19 @@ class TrainConfig:
                                  auto=ByDataset(False, True), data=True)
     dtype: str = setting("float32", "compute dtype (parameters and the loss stay float32)", group=DATA,
                          choices=DTYPES)
-    no_aux: bool = setting(False, "GoogLeNet without its auxiliary heads", group=DATA, resume=True)
+    no_aux: bool = setting(False, "GoogLeNet without its auxiliary heads", group=DATA, resume=True,
+                           model=ModelOption("aux_logits", negate=True, missing="no auxiliary heads (GoogLeNet only)"))
+    no_shortcut: bool = setting(False, "ResNet without its shortcuts: the plain network of the same depth (He et al. "
+                                       "2016), no identity and no projection shortcut", group=DATA, resume=True,
+                                model=ModelOption("shortcut", negate=True,
+                                                  missing="no shortcuts (ResNet, ResNeXt, Wide ResNet only)"))
     in_chans: int = setting(DATA_DEFAULTS.in_chans, "input channels: 1 reads images as grayscale, 3 as RGB; a "
                             "folder of .npy arrays (H, W, C) gives C. A pretrained stem is adapted (timm's "
                             "adapt_input_conv), and the normalization statistics with it", group=DATA, resume=True,
-                            data=True)
+                            data=True, model=ModelOption("in_chans"))
     remat: bool = setting(False, "rematerialize each block's activations in the backward pass (gradient "
-                                 "checkpointing): less memory, a slower step", group=DATA)
+                                 "checkpointing): less memory, a slower step", group=DATA,
+                          model=ModelOption("remat"))
     aux_weight: float = setting(AUX_WEIGHT, "GoogLeNet: loss = main + w * (aux1 + aux2), as in the paper",
                                 group=DATA, valid=Range(0))
     multi_label: bool = setting(DATA_DEFAULTS.multi_label, "each image has any number of classes: a folder with "
@@ -367,6 +395,9 @@ class TrainConfig:
                                         "(default runs/<model>-<dataset>)", group=RUN)
     devices: int | None = setting(None, "use the first N devices (default: all)", group=RUN)
     log_every: int = setting(10, "steps between logged train metrics", group=RUN, valid=POSITIVE_INT)
+    log_grad_norms: bool = setting(False, "log the gradient L2 norm of each stage (stem, each block or layer, each "
+                                          "auxiliary head, the classifier) with the train metrics, and plot them in "
+                                          "gradients.png", group=RUN)
     checkpoint_every: int = setting(0, "steps between checkpoints (0: at the end of each epoch only)", group=RUN,
                                     valid=Range(0))
     keep_checkpoints: int = setting(3, "the last N are kept, plus the best validation top-1", group=RUN,
@@ -418,6 +449,12 @@ class TrainConfig:
         fed = {o.name: getattr(self, o.name) for o in options(type(self)) if o.data}
         return DataConfig(**fed, batch_size=self.update_batch_size, mean=transforms.mean, std=transforms.std)
 
+    def model_options(self) -> dict[str, Any]:
+        """The options the model is built with (``create_model``'s keywords), from the settings that declare one
+        (``setting(model=...)``), each only where the setting differs from its default."""
+        return {o.model.name: o.model.value(value) for o in options(type(self))
+                if o.model is not None and (value := getattr(self, o.name)) != o.default}
+
     @property
     def update_batch_size(self) -> int | None:
         """Images per optimizer update: ``--grad-accum-steps`` batches of ``--batch-size`` (what one step of the
@@ -451,8 +488,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         eval_batch_size=_default(config.eval_batch_size, resolved.batch_size),
     )
     _check_ranges(resolved)
-    if spec.family != "googlenet" and resolved.no_aux:
-        raise UserError(f"--no-aux: {config.model} has no auxiliary heads (GoogLeNet only)")
+    _check_model_options(resolved)
     resolved = dataclasses.replace(resolved, **_eval_sizes(spec, resolved))
     _check_recipe_settings(resolved)
     return config if resolved == config else resolved  # a resolved config is its own resolution (spec kept)
@@ -556,6 +592,14 @@ def _check_ranges(config: TrainConfig) -> None:
         value = getattr(config, option.name)
         if option.valid is not None and value is not None and value not in option.valid:
             raise UserError(f"{option.flag} must be {option.valid}, got {value}")
+
+
+def _check_model_options(config: TrainConfig) -> None:
+    """Each model option a setting sets (``setting(model=...)``) is one the model has, else the setting's error."""
+    given = config.model_options()
+    for option in options(type(config)):
+        if option.model is not None and option.model.name in given and option.model.name not in config.spec.options:
+            raise UserError(option.model.refusal(option.flag, config.model))
 
 
 def _check_choices(config: TrainConfig) -> None:

@@ -40,7 +40,7 @@ def _outputs(apply_fn: Callable, variables: PyTree, images: jax.Array, pre_logit
     return apply_fn(variables, images, train=False, **({"pre_logits": True} if pre_logits else {})).astype(jnp.float32)
 
 
-def _jit(function: Callable, mesh: Any | None) -> Callable:
+def jit_over_mesh(function: Callable, mesh: Any | None) -> Callable:
     """``function(variables, batch)`` jitted under the kernel choice current now (``jaxnets.kernels``): without
     a mesh on the default device, with one the variables replicated and the batch split over it, the result
     replicated (every process gets every row)."""
@@ -58,7 +58,7 @@ def make_forward(apply_fn: Callable, mesh: Any | None = None, *,
                  pre_logits: bool = False) -> Callable[[PyTree, np.ndarray], jax.Array]:
     """``forward(variables, images) -> float32 outputs``: logits, or with ``pre_logits`` the pooled features;
     compiled once per batch shape. ``apply_fn`` is a model's ``apply``."""
-    return _jit(lambda variables, images: _outputs(apply_fn, variables, images, pre_logits), mesh)
+    return jit_over_mesh(lambda variables, images: _outputs(apply_fn, variables, images, pre_logits), mesh)
 
 
 def pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
@@ -86,7 +86,7 @@ def make_eval_step(apply_fn: Callable, mesh: Any, k: int, *, multi_label: bool =
         return {"label": labels, "mask": batch["mask"], "top": top, "prob": jnp.exp(top_logits - log_norm),
                 "loss": cross_entropy(logits, labels)}
 
-    return _jit(step, mesh)
+    return jit_over_mesh(step, mesh)
 
 
 def run_pass(step: Callable, variables: PyTree, batches: Iterable[Batch], mesh: Any, *,

@@ -1,5 +1,6 @@
 """What a training run leaves behind and shows: ``config.json``, ``metrics.jsonl``, ``curves.png``,
-``confusion_matrix.png``, a progress bar per epoch and one summary line per epoch.
+``confusion_matrix.png``, ``gradients.png`` (with ``--log-grad-norms``), a progress bar per epoch and one summary
+line per epoch.
 
 Only the main process writes or prints (``enabled=False`` elsewhere); every other method is then a no-op.
 """
@@ -22,6 +23,13 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
+GRADIENTS_FILE = "gradients.png"
+GRAD_NORM = "grad_norm/"  # a train record's key for a stage's gradient norm: grad_norm/layer1, grad_norm/features.3
+
+
+def grad_norm_key(stage: str) -> str:
+    """The ``metrics.jsonl`` key of a stage's gradient L2 norm (``--log-grad-norms``)."""
+    return GRAD_NORM + stage
 
 
 class RunLog:
@@ -66,10 +74,14 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
 
     def plot(self, confusion: np.ndarray | None = None, class_names: Sequence[str] = ()) -> None:
-        """``curves.png`` from ``metrics.jsonl`` and, given a final confusion matrix, ``confusion_matrix.png``."""
+        """``curves.png`` from ``metrics.jsonl``, ``gradients.png`` when the records have gradient norms, and, given
+        a final confusion matrix, ``confusion_matrix.png``."""
         if not self.enabled:
             return
-        plot_curves(read_metrics(self.metrics_path), self.run_dir / CURVES_FILE, self.title)
+        records = read_metrics(self.metrics_path)
+        plot_curves(records, self.run_dir / CURVES_FILE, self.title)
+        if gradient_series(records):
+            plot_gradients(records, self.run_dir / GRADIENTS_FILE, self.title)
         if confusion is not None:
             plot_confusion(confusion, class_names, self.run_dir / CONFUSION_FILE)
 
@@ -213,6 +225,48 @@ def curves_figure(records: list[dict[str, Any]], title: str = ""):
         title += f"best val {name} {100 * best[key]:.2f}% (step {best['step']})"
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def gradient_series(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """Stage -> (steps, gradient norms) of the train records (``--log-grad-norms``), the stages in the order the
+    records name them (the forward order)."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for record in records:
+        if record["split"] != "train":
+            continue
+        for key, value in record.items():
+            if key.startswith(GRAD_NORM):
+                steps, values = series.setdefault(key[len(GRAD_NORM):], ([], []))
+                steps.append(record["step"])
+                values.append(value)
+    return series
+
+
+def plot_gradients(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Each stage's gradient L2 norm against steps, on a log axis (``gradients_figure``)."""
+    _save(gradients_figure(records, title), path)
+
+
+def gradients_figure(records: list[dict[str, Any]], title: str = ""):
+    """The figure of ``plot_gradients``: one line per stage, coloured from the input (dark) to the classifier
+    (light), so that a gradient vanishing with depth from the loss shows as dark lines below light ones. A norm of
+    0 (a frozen stage) is left out: a log axis has no place for it."""
+    import matplotlib
+
+    series = gradient_series(records)
+    fig, (axis,) = _figure(1, 1, (9, 4.5))
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, max(len(series), 1)))
+    for colour, (stage, (steps, values)) in zip(colours, series.items(), strict=False):
+        values = np.where(np.asarray(values, float) > 0, values, np.nan)
+        axis.plot(steps, values, color=colour, label=stage)
+    axis.set_yscale("log")
+    axis.set_xlabel("step")
+    axis.set_ylabel("gradient L2 norm (log scale)")
+    axis.grid(alpha=0.3, which="both")
+    if axis.lines:
+        axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    axis.set_title(f"{title}: gradient norm per stage" if title else "gradient norm per stage")
     return fig
 
 

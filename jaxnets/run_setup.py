@@ -116,9 +116,8 @@ def build_model(config: TrainConfig, num_classes: int, mesh: Any) -> tuple[nn.Mo
     classes. The third value says which pretrained weights were loaded and which layers were re-initialized."""
     from jaxnets.weights import for_new_task, resolve_weights
 
-    # Options only where they differ from every family's defaults: a family without them still trains.
-    options = {**({"aux_logits": False} if config.no_aux else {}), **({"remat": True} if config.remat else {}),
-               **({"in_chans": config.in_chans} if config.in_chans != 3 else {})}
+    # The options the settings declare (setting(model=...)), each only where it differs from its default.
+    options = config.model_options()
     dtype = jnp.dtype(config.dtype)
     if config.pretrained is None:
         model = config.spec.create(num_classes, dtype, **options)

@@ -7,8 +7,8 @@ the batch is split, and BatchNorm statistics and gradients are over the global b
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,13 +99,84 @@ def init_variables(model: nn.Module, image_size: int, seed: int, mesh: Any) -> P
     return init(jax.random.key(seed))
 
 
+class GradientGroup(NamedTuple):
+    """One stage whose gradient norm ``--log-grad-norms`` logs: its name (torchvision's module name, ``layer1``,
+    ``features.3``, ``aux1``) and the parameter paths it holds (Flax path prefixes)."""
+
+    name: str
+    paths: tuple[tuple[str, ...], ...]
+
+
+def gradient_groups(model: nn.Module, variables: PyTree, image_size: int) -> tuple[GradientGroup, ...]:
+    """The model's parameters as stages, in the order a training forward pass reaches them, by one rule for every
+    family: each top-level module of the parameter tree is a unit (ResNet's ``layer1``, GoogLeNet's ``inception4a``
+    and ``aux1``, the classifier ``fc``), except a torch ``Sequential`` of layers (children named 0, 1, ..., each
+    holding its own arrays: VGG's and AlexNet's ``features`` and ``classifier``), whose layers are units; and a unit
+    without a kernel (a BatchNorm: ResNet's ``bn1``, VGG's ``features.1``) joins the unit before it, the layer it
+    normalizes. The order is found by tracing one training forward pass (shapes only) on ``image_size`` images."""
+    params = variables["params"]
+    units = []
+    for top, tree in params.items():
+        sequential = all(key.isdigit() and _holds_arrays(child) for key, child in tree.items())
+        units += [(top, key) for key in sorted(tree, key=int)] if sequential else [(top,)]
+    order: dict[tuple[str, ...], None] = {}
+
+    def record(next_fun, args, kwargs, context):
+        path = tuple(context.module.path)
+        order.update({unit: None for unit in units if path[:len(unit)] == unit})
+        return next_fun(*args, **kwargs)
+
+    # two images: training BatchNorm refuses one value per channel (a 1x1 map of one image)
+    image = jax.ShapeDtypeStruct((2, *init_input(model, image_size).shape[1:]), jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                                rngs={"dropout": jax.random.key(0)}), dict(variables), image)
+    unreached = [unit for unit in units if unit not in order]
+    if unreached:
+        raise ValueError(f"{type(model).__name__}: parameters never used in training: {unreached}")
+    groups: list[list[tuple[str, ...]]] = []
+    for unit in order:
+        node = params[unit[0]] if len(unit) == 1 else params[unit[0]][unit[1]]
+        if groups and not _has_kernel(node):
+            groups[-1].append(unit)
+        else:
+            groups.append([unit])
+    return tuple(GradientGroup(".".join(paths[0]), tuple(paths)) for paths in groups)
+
+
+def _holds_arrays(tree: Any) -> bool:
+    return isinstance(tree, Mapping) and all(not isinstance(leaf, Mapping) for leaf in tree.values())
+
+
+def _has_kernel(tree: Any) -> bool:
+    return isinstance(tree, Mapping) and any(key == "kernel" or _has_kernel(child) for key, child in tree.items())
+
+
+def _at_least_f32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def group_norms(grads: PyTree, groups: tuple[GradientGroup, ...]) -> jax.Array:
+    """The L2 norm of each group's gradients (``gradient_groups``), as one vector in the groups' order."""
+    def subtree(paths):
+        for path in paths:
+            node = grads
+            for key in path:
+                node = node[key]
+            yield from jax.tree.leaves(node)
+
+    return jnp.stack([jnp.sqrt(sum(jnp.sum(jnp.square(_at_least_f32(g))) for g in subtree(group.paths)))
+                      for group in groups])
+
+
 NO_MIXING = Mixing()
 MIX_STREAM = 0x6D6978  # folded into a step's dropout key: the key of its MixUp / CutMix draws
 
 
 def make_train_step(mesh: Any, *, label_smoothing: float = 0.0, aux_weight: float = AUX_WEIGHT,
                     remat: bool = False, mixing: Mixing = NO_MIXING, grad_accum_steps: int = 1,
-                    multi_label: bool = False, ema_schedule: EmaSchedule | None = None):
+                    multi_label: bool = False, ema_schedule: EmaSchedule | None = None,
+                    grad_norm_groups: tuple[GradientGroup, ...] | None = None):
     """``step(state, batch) -> (state, {'loss', 'accuracy'})``, jitted over ``mesh`` with the state donated:
     one optimizer update.
 
@@ -116,7 +187,9 @@ def make_train_step(mesh: Any, *, label_smoothing: float = 0.0, aux_weight: floa
     ..., so each is spread over every device); their gradients are averaged into one update, and BatchNorm
     statistics are updated by each micro-batch in turn. ``multi_label``: multi-hot labels, sigmoid binary
     cross-entropy (``jaxnets.losses``), no accuracy. ``ema_schedule``: the state's average of the weights is
-    updated after the update (``jaxnets.ema``). The step runs under the kernel choice current when it is built
+    updated after the update (``jaxnets.ema``). ``grad_norm_groups`` (``gradient_groups``): the metrics have
+    ``grad_norm``, the L2 norm of each group's gradient of the update (the mean over micro-batches), in the groups'
+    order; without it nothing is computed. The step runs under the kernel choice current when it is built
     (``jaxnets.kernels.bind``)."""
 
     def loss_of(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -190,6 +263,8 @@ def make_train_step(mesh: Any, *, label_smoothing: float = 0.0, aux_weight: floa
                                                     dropout_rng)
         else:
             grads, batch_stats, metrics = accumulated(state, batch, dropout_rng)
+        if grad_norm_groups is not None:
+            metrics = {**metrics, "grad_norm": group_norms(grads, grad_norm_groups)}
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params, step = optax.apply_updates(state.params, updates), state.step + 1
         ema = state.ema if ema_schedule is None else ema_lib.update(state.ema, params, batch_stats, step, ema_schedule)

@@ -34,9 +34,9 @@ from jaxnets.mixing import Mixing
 from jaxnets.optimization import freeze_masks, has_parameter_groups, make_optimizer
 from jaxnets.run_control import DurationEstimate, StopSignal
 from jaxnets.run_description import describe_run, small_data_warning
-from jaxnets.run_io import Progress, RunLog, epoch_summary, headline
+from jaxnets.run_io import Progress, RunLog, epoch_summary, grad_norm_key, headline
 from jaxnets.run_setup import Start, batch_fits_data, build_model, owned_workdir, setup, start
-from jaxnets.train_step import TrainState, create_train_state, make_train_step
+from jaxnets.train_step import GradientGroup, TrainState, create_train_state, gradient_groups, make_train_step
 
 
 @dataclass
@@ -86,8 +86,7 @@ def _train_and_evaluate(config: TrainConfig, fit_batch: bool, opening: Start) ->
 def _run(config: TrainConfig, mesh: Any, dataset: Dataset, workdir: Path, checkpointer: Checkpointer,
          opening: Start) -> TrainResult:
     resume_step = _check_resumable(checkpointer, config, dataset.steps_per_epoch)
-    run = RunLog(workdir, enabled=parallel.is_main_process(), resume_step=resume_step or 0,
-                 title=f"{config.model} on {config.dataset}")
+    run = RunLog(workdir, enabled=parallel.is_main_process(), resume_step=resume_step or 0, title=_title(config))
     run.print(f"run directory: {workdir}")
     if checkpointer.removed_partial:
         run.print(f"removed {len(checkpointer.removed_partial)} incomplete checkpoint(s) left by an interrupted "
@@ -142,10 +141,13 @@ def _check_resumable(checkpointer: Checkpointer, config: TrainConfig, steps_per_
 def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainState, schedule: optax.Schedule,
                 checkpointer: Checkpointer, run: RunLog) -> TrainResult:
     steps_per_epoch = dataset.steps_per_epoch
+    # --log-grad-norms: the step computes each stage's gradient norm; without it, the step is the same as ever.
+    groups = (gradient_groups(state.apply_fn.__self__, state.variables, config.image_size)
+              if config.log_grad_norms else None)
     train_step = make_train_step(mesh, label_smoothing=config.label_smoothing, aux_weight=config.aux_weight,
                                  remat=config.remat, mixing=Mixing(config.mixup_alpha, config.cutmix_alpha),
                                  grad_accum_steps=config.grad_accum_steps, multi_label=config.multi_label,
-                                 ema_schedule=ema.schedule_of(config, steps_per_epoch))
+                                 ema_schedule=ema.schedule_of(config, steps_per_epoch), grad_norm_groups=groups)
     eval_step = evaluation.make_eval_step(state.apply_fn, mesh, min(TOP_K, dataset.num_classes),
                                           multi_label=config.multi_label)
     stop_step = _stop_step(config, steps_per_epoch)
@@ -193,7 +195,7 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
                 estimate.after(step, metrics)
                 end_of_epoch = step % steps_per_epoch == 0
                 if step % config.log_every == 0 or end_of_epoch or step == stop_step:
-                    logged = _mean(parallel.to_host(pending))
+                    logged = _named_norms(_mean(parallel.to_host(pending)), groups)
                     _check_finite(logged, step, checkpointer)  # before a diverged state is logged or saved
                     progress.update(len(pending), logged["loss"])
                     run.log(step, step / steps_per_epoch, "train",
@@ -237,6 +239,14 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
     return TrainResult(Path(config.workdir).absolute(), step, val_metrics, None, state, ema_metrics)
 
 
+def _title(config: TrainConfig) -> str:
+    """What the plots call the run: ``resnet34 on digits``, with the model options that make another network
+    (``resnet34 (shortcut=False) on digits``; not ``remat``, which only changes how it computes)."""
+    recorded = config.spec.recorded_option_names
+    shown = ", ".join(f"{k}={v}" for k, v in config.model_options().items() if k in recorded)
+    return f"{config.model}{f' ({shown})' if shown else ''} on {config.dataset}"
+
+
 def _stop_step(config: TrainConfig, steps_per_epoch: int) -> int:
     """The step the run ends at: the last of ``--epochs``, or ``--steps`` if sooner."""
     total_steps = steps_per_epoch * config.epochs
@@ -253,8 +263,19 @@ def _check_finite(metrics: dict[str, float], step: int, checkpointer: Checkpoint
         raise UserError(f"training diverged: loss {loss} by step {step} (try a lower --lr); {kept}")
 
 
-def _mean(records: list[dict[str, Any]]) -> dict[str, float]:
+def _mean(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each metric's mean over the records: a float, or for a vector (``grad_norm``) one per element."""
     if not records:
         return {}
-    return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+    means = {k: np.mean([r[k] for r in records], axis=0) for k in records[0]}
+    return {k: float(v) if np.ndim(v) == 0 else v for k, v in means.items()}
+
+
+def _named_norms(metrics: dict[str, Any], groups: tuple[GradientGroup, ...] | None) -> dict[str, Any]:
+    """``metrics`` with the step's ``grad_norm`` vector as one float per stage (``grad_norm/<stage>``), in the
+    stages' forward order (the order ``gradients.png`` draws them in)."""
+    if groups is None:
+        return metrics
+    norms = metrics.pop("grad_norm")
+    return {**metrics, **{grad_norm_key(group.name): float(norm) for group, norm in zip(groups, norms, strict=True)}}
 

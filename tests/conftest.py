@@ -5,14 +5,22 @@ torchvision after tensorflow crashes (seen with torch 2.14 / tensorflow 2.21), a
 tests of several files in one worker.
 """
 
+import os
 import urllib.error
 
-import jax
-import pytest
-import torch
-import torchvision  # noqa: F401
+# torch's OpenMP threads spin while they wait: with two test workers (and XLA's threads) on two cores, one
+# GoogLeNet train pass took 21 s of CPU with 2 threads and 0.35 s with 1 (docs/performance.md, "The test suite").
+# One thread per worker, and in the processes the tests start (before torch reads it).
+os.environ["OMP_NUM_THREADS"] = "1"
 
-from jaxnets import host
+import jax  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402, F401
+
+from jaxnets import host  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -177,7 +177,7 @@ def test_unknown_option_lists_only_the_free_options():
     with pytest.raises(ValueError) as info:
         jaxnets.create_model("resnet18", dropout=0.1)
     assert one_line(info) == ("resnet18: unknown option(s) dropout; accepted: features_only, in_chans, out_indices, "
-                              "remat, zero_init_residual")
+                              "remat, shortcut, zero_init_residual")
 
 
 # --- reinitialize_head checks what it is given ---------------------------------------------------

@@ -70,8 +70,8 @@ def test_the_registered_families_options_are_their_free_fields():
         "aux_logits": "bool", "transform_input": "bool", "dropout": "float", "dropout_aux": "float",
         "in_chans": "int", "features_only": "bool", "out_indices": "tuple[int, ...] | None", "remat": "bool"}
     # the rest is bound or reserved
-    assert set(registry.options("resnet50")) == {"zero_init_residual", "in_chans", "features_only", "out_indices",
-                                                 "remat"}
+    assert set(registry.options("resnet50")) == {"zero_init_residual", "shortcut", "in_chans", "features_only",
+                                                 "out_indices", "remat"}
     assert {k: v.name for k, v in _toy_spec("toy", EveryOptionType).options.items()} == {
         "flag": "bool", "count": "int", "scale": "float", "mode": "str", "clip": "float | None",
         "tag": "str | None", "sizes": "tuple[int, ...]", "gains": "tuple[float, ...]"}
@@ -225,6 +225,17 @@ def test_the_cycle_check_sees_lazy_and_relative_imports(tmp_path):
     assert _imports("jaxnets.b", modules["jaxnets.b"], modules) == {"jaxnets.a", "jaxnets"}
 
 
+def test_no_two_modules_share_a_base_name():
+    """A module's name says what it holds: one ``predict.py`` or ``metrics.py`` in the tree, never two. The
+    exceptions are a package's ``__init__``/``__main__`` and ``config.py`` (the run's, and the data's)."""
+    stems: dict[str, list[str]] = {}
+    for name, path in _modules().items():
+        stems.setdefault(path.stem, []).append(name)
+    shared = {stem: names for stem, names in stems.items()
+              if len(names) > 1 and stem not in ("__init__", "__main__", "config")}
+    assert not shared, shared
+
+
 def test_torch_is_imported_only_by_torch_io_and_the_benchmark():
     importers = sorted(name for name, path in _modules().items()
                        if any(target == "torch" or target.startswith(("torch.", "torchvision"))
@@ -277,13 +288,13 @@ def test_predict_reports_a_user_error_in_one_line(tmp_path, capsys):
 
 
 def test_predict_lets_a_bug_show_its_traceback(monkeypatch):
-    from jaxnets import predict
     from jaxnets.cli import predict as cli
+    from jaxnets.predict import classification
 
     def bug(*args, **kwargs):
         raise ValueError("an internal bug, not a user error")
 
-    monkeypatch.setattr(predict, "open_pretrained", bug)
+    monkeypatch.setattr(classification, "open_pretrained", bug)
     with pytest.raises(ValueError, match="an internal bug"):
         cli.main(["--model", "resnet18", "x.jpg"])
 

@@ -254,7 +254,8 @@ def test_weights_file_round_trip_keeps_in_chans_and_backbone_settings(tmp_path, 
     model, variables = load_pretrained("resnet18", weights=resnet18_file, in_chans=1, features_only=True,
                                        out_indices=(0, 2), remat=True)
     recorded = model_options("resnet18", model)
-    assert recorded == {"zero_init_residual": False, "in_chans": 1, "features_only": True, "out_indices": (0, 2)}
+    assert recorded == {"zero_init_residual": False, "shortcut": True, "in_chans": 1, "features_only": True,
+                        "out_indices": (0, 2)}
     path = save_weights(tmp_path / "gray_backbone.safetensors", "resnet18", variables, model_options=recorded)
     weights_file = load_weights(path)
     assert weights_file.num_classes == 0 and weights_file.model_options["in_chans"] == 1

@@ -85,7 +85,8 @@ def test_resume_keys_are_the_declared_ones_and_those_checkpoints_always_compared
     assert sorted(resume_keys()) == sorted((
         "model", "dataset", "classes", "image_size", "batch_size", "seed", "no_aux", "num_classes", "val_fraction",
         "optimizer", "grad_clip", "freeze", "backbone_lr_mult", "layer_decay", "model_ema", "grad_accum_steps",
-        "multi_label", "mixup_alpha", "cutmix_alpha", "auto_augment", "ra_magnitude", "random_erase", "in_chans"))
+        "multi_label", "mixup_alpha", "cutmix_alpha", "auto_augment", "ra_magnitude", "random_erase", "in_chans",
+        "no_shortcut"))
 
 
 def test_the_ranges_are_those_the_flags_had():

@@ -22,7 +22,7 @@ train_cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_cli)
 
 # Small and fast: resnet18 on 16 px digits, batch 32 (22 steps per epoch on five classes), no warmup, no
-# persistent compilation cache (it is global JAX state, and would outlive this test's tmp dir).
+# persistent compilation cache but in the end-to-end test (it is global JAX state: conftest puts it back).
 COMMON = ["--model", "resnet18", "--warmup-epochs", "0", "--no-progress", "--compile-cache", ""]
 WEIGHTS = "final_weights.safetensors"
 
@@ -42,7 +42,8 @@ def test_a_backbone_trained_on_digits_0_4_transfers_to_5_9(tmp_path, capsys):
     """Pretrain on 0-4; then, on 5-9 with the same small budget, a frozen-backbone run beats training from
     scratch and leaves every backbone parameter and BatchNorm statistic bit-identical; a linear probe on the
     same backbone works through train.py too. One test: the pretraining is its most expensive part."""
-    train(tmp_path / "pretrain", "--classes", "0-4", "--epochs", "2")
+    cache = ("--compile-cache", str(tmp_path / "cache"))  # pretraining and scratch are one program (5 classes)
+    train(tmp_path / "pretrain", "--classes", "0-4", "--epochs", "2", *cache)
     backbone = tmp_path / "pretrain" / WEIGHTS
     # The eval sizes it was validated at (16 px digits: shorter side 18, crop 16), for jaxnets.predict.
     assert load_weights(backbone).metadata["eval_transform"] == {"resize_size": 18, "crop_size": 16,
@@ -50,7 +51,7 @@ def test_a_backbone_trained_on_digits_0_4_transfers_to_5_9(tmp_path, capsys):
                                                                  "std": [0.229, 0.224, 0.225]}
     # The same 22 steps, hyperparameters and data order for both. Measured (2026-11-25): lr 0.4 -> transfer
     # 0.704, scratch 0.201; default lr 0.1 with its warmup -> 0.665 / 0.391.
-    budget = ["--classes", "5-9", "--epochs", "1", "--lr", "0.4"]
+    budget = ["--classes", "5-9", "--epochs", "1", "--lr", "0.4", *cache]
     capsys.readouterr()
     transfer = train(tmp_path / "transfer", *budget, "--pretrained", str(backbone), "--freeze", "backbone")
     # The log says what is frozen: all but the 512 x 5 + 5 classifier, BatchNorm layers on running statistics.

@@ -448,7 +448,8 @@ def test_save_weights_refuses_variables_that_do_not_fit(resnet18_files, tmp_path
     ({"zero_init_residual": 1}, "option zero_init_residual=1 has the wrong type: expected bool"),
     ({"groups": 2}, "option groups=2 refused: resnet18 binds groups=1"),
     ({"num_classes": 10}, "'num_classes' is not a model option"),
-    ({"dropout": 0.5}, "unknown option 'dropout'; accepted: features_only, in_chans, out_indices, zero_init_residual"),
+    ({"dropout": 0.5}, "unknown option 'dropout'; accepted: features_only, in_chans, out_indices, shortcut, "
+                       "zero_init_residual"),
 ])
 def test_save_weights_refuses_options_the_model_cannot_be_built_with(resnet18_files, tmp_path, options, message):
     variables = load_weights(resnet18_files[3]).variables

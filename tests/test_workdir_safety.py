@@ -58,6 +58,13 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One compilation cache for the module: its runs are one program (resnet18 on the digits, batch 8), so only
+    the first run compiles (the interruptions and full disks under test come after the compilation)."""
+    return tmp_path_factory.mktemp("compile_cache")
+
+
 def _train(capsys, workdir: Path, cache: Path, *extra: str) -> tuple[int, str, str]:
     status = train.main([*RUN, "--workdir", str(workdir), "--compile-cache", str(cache), *extra])
     out, err = capsys.readouterr()
@@ -77,12 +84,12 @@ def _holder(path: Path, kind: str) -> subprocess.Popen:
     return holder
 
 
-def test_a_second_run_on_a_held_workdir_is_refused_at_once_and_a_killed_holder_blocks_nothing(capsys, tmp_path):
+def test_a_second_run_on_a_held_workdir_is_refused_at_once_and_a_killed_holder_blocks_nothing(capsys, tmp_path, cache):
     workdir = tmp_path / "run"
     holder = _holder(workdir, "workdir")
     try:
         start = time.monotonic()
-        status, _, err = _train(capsys, workdir, tmp_path / "cache", "--steps", "1")
+        status, _, err = _train(capsys, workdir, cache, "--steps", "1")
         elapsed = time.monotonic() - start
         line = _one_error_line(err)
         assert status == 1 and elapsed < 10, elapsed
@@ -127,8 +134,9 @@ def test_the_weights_cache_has_one_writer_and_readers_are_never_blocked(capsys, 
         holder.wait()
 
 
-def test_injected_full_disk_in_a_checkpoint_and_in_the_final_weights_loses_nothing(capsys, tmp_path, monkeypatch):
-    workdir, cache = tmp_path / "run", tmp_path / "cache"
+def test_injected_full_disk_in_a_checkpoint_and_in_the_final_weights_loses_nothing(capsys, tmp_path, monkeypatch,
+                                                                                    cache):
+    workdir = tmp_path / "run"
     args = ("--steps", "4", "--checkpoint-every", "2")
     original_save = ocp.CheckpointManager.save
 
@@ -194,8 +202,8 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_real_full_disk_and_a_read_only_workdir_lose_no_checkpoint(capsys, tmp_path, small_disk):
-    workdir, cache = small_disk / "run", tmp_path / "cache"
+def test_a_real_full_disk_and_a_read_only_workdir_lose_no_checkpoint(capsys, tmp_path, small_disk, cache):
+    workdir = small_disk / "run"
     assert _train(capsys, workdir, cache, "--steps", "2", "--checkpoint-every", "2")[0] == 0
     free = shutil.disk_usage(small_disk).free
     filler = small_disk / "filler"
@@ -254,8 +262,7 @@ def _outcome(workdir: Path) -> tuple[dict, list]:
 
 
 @pytest.mark.xdist_group("sigkill")
-def test_sigkill_at_any_moment_resumes_bit_identical_to_an_uninterrupted_run(tmp_path):
-    cache = tmp_path / "cache"
+def test_sigkill_at_any_moment_resumes_bit_identical_to_an_uninterrupted_run(tmp_path, cache):
     reference = _start(_command(tmp_path / "reference", cache))
     _wait_for(reference, "resnet18 (")  # training starts
     started = time.monotonic()

@@ -2,7 +2,8 @@
 
 Flags and what is timed: ``jaxnets.benchmark.models``; ``--help`` lists them. ``--suite gpu`` is the one-shot
 GPU check (``jaxnets.benchmark.gpu``), ``--suite kernels`` the measurement of the kernel variants per CPU
-(``jaxnets.benchmark.kernel_choice``); each has its own ``--help``. The benchmark is a tool on top of the
+(``jaxnets.benchmark.kernel_choice``), ``--suite nnx`` the NNX modules against their Linen models
+(``jaxnets.benchmark.nnx_vs_linen``); each has its own ``--help``. The benchmark is a tool on top of the
 library, never part of it: this command imports it when it runs, and nothing else in jaxnets imports this
 module.
 """
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 from jaxnets import errors, host
 
-SUITES = ("models", "gpu", "kernels")
+SUITES = ("models", "gpu", "kernels", "nnx")
 
 
 def split_suite(argv: Sequence[str]) -> tuple[str, list[str]]:
@@ -48,5 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if suite == "gpu":
         from jaxnets.benchmark import gpu
         return gpu.main(rest, prog=f"{prog} --suite gpu")
+    if suite == "nnx":
+        from jaxnets.benchmark import nnx_vs_linen
+        return nnx_vs_linen.main(rest, prog=f"{prog} --suite nnx")
     from jaxnets.benchmark import models
     return models.main(rest, prog=prog)

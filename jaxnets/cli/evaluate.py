@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from jaxnets import errors
+from jaxnets import errors, explain
 from jaxnets.data.pil_eval import WORKER_KINDS
 from jaxnets.evaluate.inputs import PREPROCESS, SPLITS
 from jaxnets.evaluate.run import DEFAULT_BATCH, EvalConfig, evaluate
@@ -67,6 +67,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                                         "next to the weights file; runs/eval-<weights>-<dataset> "
                                                         "for --pretrained)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--cam-errors", type=int, metavar="N",
+                        help="also draw the class activation maps of the N most confident mistakes and the N least "
+                             "confident hits, as two contact sheets (cam_mistakes.png, cam_hits.png) next to eval.json")
+    parser.add_argument("--cam-method", choices=list(explain.METHODS), metavar="METHOD",
+                        help=f"the maps' method for --cam-errors: one of {', '.join(explain.METHODS)} (default "
+                             f"{EvalConfig.cam_method})")
+    parser.add_argument("--cam-layer", metavar="NODE",
+                        help="the torchvision node --cam-errors explains (layer4, features.42, inception5b, ...; "
+                             "default: the model's last feature level)")
     return parser
 
 
@@ -75,7 +84,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     prog = prog or errors.command("evaluate")
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "workers", "devices"):
+    for flag in ("cam_method", "cam_layer"):
+        if getattr(args, flag) is not None and args.cam_errors is None:
+            parser.error(f"--{flag.replace('_', '-')} needs --cam-errors N")
+    for flag in ("batch_size", "workers", "devices", "cam_errors"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -83,5 +95,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
                         data_dir=args.data_dir, split=args.split, preprocess=args.preprocess,
                         batch_size=args.batch_size, workers=args.workers, devices=args.devices, dtype=args.dtype,
                         output=args.output, progress=not args.no_progress,
-                        **({"worker_kind": args.worker_kind} if args.worker_kind else {}))
+                        cam_errors=args.cam_errors, cam_layer=args.cam_layer,
+                        **({"worker_kind": args.worker_kind} if args.worker_kind else {}),
+                        **({"cam_method": args.cam_method} if args.cam_method else {}))
     return errors.run_cli(prog, lambda: (evaluate(config), 0)[1])

@@ -61,12 +61,23 @@ def preprocess(image: Image.Image, transform: EvalTransform = IMAGENET_EVAL) -> 
 
 def resize_and_crop(image: Image.Image, transform: EvalTransform = IMAGENET_EVAL) -> np.ndarray:
     """torchvision's ``Resize`` of the shorter side and ``CenterCrop`` on a PIL image: uint8 (crop, crop, 3)."""
-    width, height = image.size
+    image = image.resize(resized_size(image.size, transform), INTERPOLATION[transform.interpolation])
+    return np.asarray(center_crop(image, transform.crop_size))
+
+
+def resized_size(size: tuple[int, int], transform: EvalTransform = IMAGENET_EVAL) -> tuple[int, int]:
+    """(width, height) after torchvision's ``Resize`` of the shorter side to ``resize_size`` (the longer side
+    truncated): also where the class activation maps find the crop in the original image."""
+    width, height = size
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = transform.resize_size, int(transform.resize_size * long / short)
-    size = (new_short, new_long) if width <= height else (new_long, new_short)
-    image = image.resize(size, INTERPOLATION[transform.interpolation])
-    return np.asarray(center_crop(image, transform.crop_size))
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def crop_offset(length: int, crop: int) -> int:
+    """Where ``center_crop`` starts along an axis of ``length`` pixels: rounded to the middle, or negative where
+    the crop is larger and the image is zero-padded around it."""
+    return -((crop - length) // 2) if crop > length else int(round((length - crop) / 2.0))
 
 
 def normalize(pixels: np.ndarray, transform: EvalTransform = IMAGENET_EVAL) -> np.ndarray:

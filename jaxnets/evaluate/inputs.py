@@ -76,6 +76,14 @@ class EvalData:
         paths = getattr(self.split, "paths", None)
         return str(paths[index]) if paths is not None and index < len(paths) else None
 
+    def source(self, index: int) -> Any:
+        """The original image of example ``index`` (its place in the pass): its file, or its decoded pixels
+        (H, W, channels); None for a split read as a stream (TFDS), whose examples have no place to return to."""
+        split = self.split
+        if not isinstance(split, IndexedSplit):
+            return None
+        return split.paths[index] if split.paths is not None else split.images[index]
+
     def batches(self, preprocess: str, transform: EvalTransform, workers: int,
                 kind: str = "process") -> Iterator[Batch]:
         """This process's share of every global batch: ``{'image', 'label', 'mask'}``; ``workers`` processes or

@@ -8,15 +8,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from jaxnets.eval_transform import EvalTransform
 from jaxnets.evaluate import metrics as m
 from jaxnets.evaluate.inputs import EvalData
 from jaxnets.evaluation import Records
 from jaxnets.fileio import write_text
+from jaxnets.predict.classification import write_png
 from jaxnets.run_io import plot_confusion
 
 REPORT_FILE = "eval.json"
 CONFUSION_FILE = "eval_confusion_matrix.png"  # not train.py's confusion_matrix.png, which a run directory holds
+CAM_FILES = {"mistakes": "cam_mistakes.png", "hits": "cam_hits.png"}  # --cam-errors' contact sheets
 SHOWN_CLASSES = 30  # per-class rows printed: all up to this many classes, else the worst this many
 
 
@@ -100,3 +104,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
                                                                                                    strict=True)))
                      for row in cells)
+
+
+def write_cam_sheets(output: Path, sheets: dict[str, Image.Image]) -> list[Path]:
+    """``--cam-errors``' contact sheets (``run.cam_sheets``) into ``output`` as ``CAM_FILES`` names them."""
+    return [write_png(output / CAM_FILES[group], sheet) for group, sheet in sheets.items()]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +20,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
-from jaxnets import errors, evaluation, parallel, predict
+from jaxnets import errors, evaluation, explain, parallel, predict
 from jaxnets.data import ChannelMismatch, DataError, Shard
+from jaxnets.data.pil_eval import preprocess as pil_preprocess
 from jaxnets.errors import UserError
 from jaxnets.eval_transform import EvalTransform
 from jaxnets.evaluate import report
 from jaxnets.evaluate.inputs import PREPROCESS, EvalData, load_eval_data
 from jaxnets.evaluation import TOP_K, Records, summary
-from jaxnets.registry import PretrainedWeights, get_spec, imagenet_categories, imagenet_wnids
+from jaxnets.predict import classification
+from jaxnets.registry import PretrainedWeights, create_model, get_spec, imagenet_categories, imagenet_wnids
 from jaxnets.run_io import CONFIG_FILE
 from jaxnets.weights import WeightsFile, instantiate, load_weights, open_pretrained, torchvision_weights_of
 
@@ -54,6 +57,9 @@ class EvalConfig:
     dtype: str = "float32"
     output: str | None = None
     progress: bool = True
+    cam_errors: int | None = None  # class activation maps of the N most confident mistakes and least confident hits
+    cam_method: str = "gradcam"
+    cam_layer: str | None = None  # a torchvision node (jaxnets.explain.target_nodes); None: the last feature level
 
 
 @dataclass
@@ -144,6 +150,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     the main process writes ``eval.json`` and the confusion matrix to the output directory."""
     parallel.initialize()
     weights = open_weights(config)
+    _check_cam(config, weights)
     preprocess = config.preprocess or weights.default_preprocess
     if preprocess not in PREPROCESS:
         raise UserError(f"--preprocess {preprocess!r}: choose one of {', '.join(PREPROCESS)}")
@@ -170,6 +177,9 @@ def evaluate(config: EvalConfig) -> EvalResult:
     if own and config.split is None:
         data.notes.insert(0, f"{config.weights}: evaluated on the {len(data)} images the run held out for validation "
                              f"(--split {split}); --split train or all for the others")
+    if config.cam_errors is not None and len(data) and data.source(0) is None:
+        raise UserError(f"--cam-errors: {data.name} is read as a stream, so its images cannot be found again for "
+                        f"their maps; give a folder of class folders")
     model, variables = instantiate(weights.file, dtype=jnp.dtype(config.dtype))
     num_outputs = weights.file.num_classes
     step = evaluation.make_eval_step(model.apply, mesh, min(TOP_K, num_outputs))
@@ -188,7 +198,73 @@ def evaluate(config: EvalConfig) -> EvalResult:
         output = _output_dir(config, weights, data)
         report.write(output, payload, records, names)
         report.show(payload, output)
+        if config.cam_errors is not None:
+            sheets = cam_sheets(model, variables, data, records, names, transform, config.cam_method,
+                                config.cam_layer, config.cam_errors, global_batch)
+            for path in report.write_cam_sheets(output, sheets):
+                print(f"wrote {path}")
     return EvalResult(metrics, records, data, payload, output)
+
+
+def _check_cam(config: EvalConfig, weights: Weights) -> None:
+    """The ``--cam-*`` flags, before the pass: a mistake here should not cost an evaluation."""
+    if config.cam_errors is None:
+        if config.cam_layer is not None:
+            raise UserError("--cam-layer needs --cam-errors N")
+        return
+    if not errors.is_int(config.cam_errors) or config.cam_errors < 1:
+        raise UserError(f"--cam-errors must be an integer >= 1, got {config.cam_errors!r}")
+    if config.cam_method not in explain.METHODS:
+        raise UserError(f"--cam-method {config.cam_method!r}: choose one of {', '.join(explain.METHODS)}")
+    if predict.is_multi_label(weights.file):
+        raise UserError(f"--cam-errors: {weights.file.path} holds multi-label weights, whose examples are not "
+                        f"simply hits or mistakes; use {errors.command('predict')} --cam on the images instead")
+    nodes = explain.target_nodes(create_model(weights.name, **weights.file.model_options))  # a module: no weights
+    if config.cam_layer is not None and config.cam_layer not in nodes:
+        raise UserError(f"--cam-layer {config.cam_layer}: not a feature node of {weights.name}; choose one of "
+                        f"{', '.join(nodes)}")
+
+
+def _cam_example(source: Any, transform: EvalTransform) -> tuple[Any, np.ndarray]:
+    """An example's original picture and its model input, read again for its map (by PIL, as
+    ``--preprocess torchvision`` reads it, whichever pipeline evaluated it)."""
+    if not isinstance(source, np.ndarray):  # a file
+        return classification.cam_background(source, transform), predict.load_input(source, transform)
+    channels = source.shape[-1]
+    if channels not in (1, 3) or channels != transform.in_chans:
+        raise UserError(f"--cam-errors: images of {channels} channel(s) for a model of in_chans="
+                        f"{transform.in_chans}; maps are drawn for 1 or 3 channels")
+    image = Image.fromarray(source if channels == 3 else source[..., 0])
+    pixels = pil_preprocess(image, transform)
+    return source, pixels if channels == 3 else pixels[..., None]
+
+
+def cam_sheets(model: Any, variables: Any, data: EvalData, records: Records, names: Sequence[str],
+               transform: EvalTransform, method: str, layer: str | None, count: int,
+               batch_size: int) -> dict[str, Image.Image]:
+    """Contact sheets of the maps of the ``count`` most confident mistakes and the ``count`` least confident hits
+    (``explain.confidence_extremes``), each for the class the model predicted: ``{'mistakes': ..., 'hits': ...}``,
+    without an empty group. The maps come from one ``explain.cam`` call (one compilation)."""
+    mistakes, hits = explain.confidence_extremes(records.label, records.predicted, records.prob[:, 0], count)
+    chosen = np.concatenate([mistakes, hits]).astype(int)
+    if not len(chosen):
+        return {}
+    pictures, inputs = zip(*(_cam_example(data.source(int(i)), transform) for i in chosen), strict=True)
+    targets = records.predicted[chosen]
+    maps = explain.cam(model, variables, np.stack(inputs), method, layer, targets,
+                       batch_size=min(batch_size, len(chosen)))
+    overlays = [explain.overlay(picture, cam_map, explain.caption(names[records.predicted[i]],
+                                                                  float(records.prob[i, 0]), names[records.label[i]]),
+                                transform=transform)
+                for picture, cam_map, i in zip(pictures, maps, chosen, strict=True)]
+    sheets = {}
+    if len(mistakes):
+        sheets["mistakes"] = explain.contact_sheet(overlays[:len(mistakes)],
+                                                   f"the {len(mistakes)} most confident mistakes ({method})")
+    if len(hits):
+        sheets["hits"] = explain.contact_sheet(overlays[len(mistakes):],
+                                               f"the {len(hits)} least confident hits ({method})")
+    return sheets
 
 
 def _same_dataset(a: str, b: str) -> bool:

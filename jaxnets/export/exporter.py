@@ -51,7 +51,7 @@ class ExportResult:
     record: dict[str, Any] = field(default_factory=dict)  # export.json
 
 
-def export(model: nn.Module, variables: Mapping[str, Any], format: str, path: str | Path, *,
+def export(model: nn.Module, variables: Mapping[str, Any] | None, format: str, path: str | Path, *,
            transform: EvalTransform | None = None, image_size: int | None = None, with_preprocessing: bool = False,
            softmax: bool = False, categories: Sequence[str] | None = None, force: bool = False, verify: bool = True,
            opset: int = DEFAULT_OPSET, int8: bool = False, platforms: Sequence[str] = DEFAULT_PLATFORMS,
@@ -63,7 +63,9 @@ def export(model: nn.Module, variables: Mapping[str, Any], format: str, path: st
     The input is a batch of ``transform.crop_size`` (or ``image_size``) square images of the model's ``in_chans``
     (RGB), NHWC: float32 and normalized, or with ``with_preprocessing`` uint8 pixels that the artifact normalizes
     with ``transform``'s mean and std (default: ImageNet's eval transform at 224). ``softmax`` returns
-    probabilities instead of logits. ``categories`` (default: ImageNet's for 1000 classes) go to ``classes.txt``."""
+    probabilities instead of logits. ``categories`` (default: ImageNet's for 1000 classes) go to ``classes.txt``.
+    An NNX model (``jaxnets.nnx.Model``) carries its own variables: pass ``variables=None``."""
+    model, variables = _linen_of(model, variables)
     channels = getattr(model, "in_chans", 3)
     transform = transform or EvalTransform()
     if image_size is not None:
@@ -88,6 +90,17 @@ def export(model: nn.Module, variables: Mapping[str, Any], format: str, path: st
                            categories=categories, force=force, verify=verify, opset=opset, int8=int8,
                            platforms=platforms, mlir_text=mlir_text, description={**description, **(metadata or {})},
                            default_categories=levels is None)
+
+
+def _linen_of(model: Any, variables: Mapping[str, Any] | None) -> tuple[nn.Module, Mapping[str, Any]]:
+    """A ``jaxnets.nnx.Model`` as its Linen module and current variables (an export is of the eval forward,
+    whatever the NNX model's mode); a Linen model as it is. NNX is imported only when a Linen model it is not
+    (``import jaxnets`` does not load ``flax.nnx``)."""
+    if isinstance(model, nn.Module):
+        return model, variables
+    from jaxnets import nnx as jaxnets_nnx
+
+    return jaxnets_nnx.linen_of(model, variables, "export")
 
 
 def _feature_levels(model: nn.Module) -> list[FeatureInfo] | None:

@@ -1,4 +1,5 @@
-"""ResNet v1.5 (stride on the 3x3 conv), ResNeXt and Wide ResNet, as torchvision builds them."""
+"""ResNet v1.5 (stride on the 3x3 conv), ResNeXt and Wide ResNet, as torchvision builds them; and, for teaching,
+their plain networks (``shortcut=False``: He et al. 2016's "plain" baseline, the same layers without a shortcut)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxnets.errors import UserError
 from jaxnets.layers import (
     Conv2d,
     Linear,
@@ -32,7 +34,8 @@ def conv(features: int, kernel_size: int, stride: int = 1, groups: int = 1, *, d
 
 class ResidualBlock(nn.Module):
     """What both block types take; ``last_norm`` is the BatchNorm closing the residual branch
-    (zero-initialized scale with ``zero_init_residual``)."""
+    (zero-initialized scale with ``zero_init_residual``); ``shortcut=False``: the block is its branch alone
+    (``block_output``)."""
 
     planes: int
     stride: int
@@ -41,6 +44,7 @@ class ResidualBlock(nn.Module):
     groups: int = 1
     width_per_group: int = 64
     dtype: Any = jnp.float32
+    shortcut: bool = True
     expansion = 1
 
 
@@ -51,7 +55,7 @@ class BasicBlock(ResidualBlock):
             raise ValueError("BasicBlock only supports groups=1 and width_per_group=64 (as torchvision)")
         y = nn.relu(self.norm(name="bn1")(conv(self.planes, 3, self.stride, dtype=self.dtype, name="conv1")(x)))
         y = self.last_norm(name="bn2")(conv(self.planes, 3, dtype=self.dtype, name="conv2")(y))
-        return nn.relu(y + shortcut(self, x))
+        return block_output(self, y, x)
 
 
 class Bottleneck(ResidualBlock):
@@ -63,7 +67,16 @@ class Bottleneck(ResidualBlock):
         y = nn.relu(self.norm(name="bn1")(conv(width, 1, dtype=self.dtype, name="conv1")(x)))
         y = nn.relu(self.norm(name="bn2")(conv(width, 3, self.stride, self.groups, dtype=self.dtype, name="conv2")(y)))
         y = self.last_norm(name="bn3")(conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(y))
-        return nn.relu(y + shortcut(self, x))
+        return block_output(self, y, x)
+
+
+def block_output(block: ResidualBlock, branch: jax.Array, x: jax.Array) -> jax.Array:
+    """``relu(branch + shortcut(x))``; in a plain network (``shortcut=False``) ``relu(branch)``: no identity and no
+    projection either, so the block has no ``downsample`` and the only path from the loss to the stem goes
+    through every convolution, as in He et al. 2016's plain baseline (Fig. 3, middle)."""
+    if not block.shortcut:
+        return nn.relu(branch)
+    return nn.relu(branch + shortcut(block, x))
 
 
 def shortcut(block: ResidualBlock, x: jax.Array) -> jax.Array:
@@ -111,6 +124,10 @@ class ResNet(nn.Module):
 
     Feature levels: the stem's ReLU (torchvision's node ``relu``, stride 2) and ``layer1``..``layer4`` (strides
     4 to 32), as timm's; ``remat`` rematerializes each residual block.
+
+    ``shortcut=False`` is the plain network of the same depth (``block_output``): every shortcut goes, the
+    identities and the ``downsample`` projections alike, and every other layer and initializer stays. It cannot
+    be combined with ``zero_init_residual``, whose zero-initialized branches would then output zeros.
     """
 
     stage_sizes: Sequence[int]
@@ -119,6 +136,7 @@ class ResNet(nn.Module):
     groups: int = 1
     width_per_group: int = 64
     zero_init_residual: bool = False
+    shortcut: bool = True
     in_chans: int = 3
     features_only: bool = False
     out_indices: tuple[int, ...] | None = None
@@ -134,6 +152,9 @@ class ResNet(nn.Module):
     @image_model_call
     def __call__(self, x: jax.Array, train: bool = False, *, pre_logits: bool = False,
                  frozen_norm: tuple[str, ...] = ()) -> jax.Array | list[jax.Array]:
+        if self.zero_init_residual and not self.shortcut:
+            raise UserError(f"{model_name(self)}: zero_init_residual=True needs the shortcuts (shortcut=False makes "
+                            "every block start at zero, and the network output a constant)")
         taps = FeatureTaps(self, model_name(self))
         norm = batch_norm(train, frozen_norm, dtype=self.dtype)
         # zero_init_residual: each residual branch starts at zero, so every block starts as an identity.
@@ -144,7 +165,7 @@ class ResNet(nn.Module):
             return taps.maps
         x = max_pool(x, 3, 2, 1)
         block_kwargs = dict(norm=norm, last_norm=last_norm, groups=self.groups,
-                            width_per_group=self.width_per_group, dtype=self.dtype)
+                            width_per_group=self.width_per_group, dtype=self.dtype, shortcut=self.shortcut)
         for i, num_blocks in enumerate(self.stage_sizes):
             x = Stage(self.block_cls, num_blocks, 64 * 2**i, 1 if i == 0 else 2, block_kwargs, self.remat,
                       name=f"layer{i + 1}")(x)

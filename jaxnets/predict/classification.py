@@ -1,9 +1,4 @@
-"""Classify images with pretrained or fine-tuned weights: ``python -m jaxnets.predict``.
-
-    python -m jaxnets.predict --model resnet50 --top 5 cat.jpg dog.png
-    python -m jaxnets.predict --weights runs/resnet18-flowers/final_weights.safetensors photos/*.jpg
-    python -m jaxnets.predict --model resnet50 --weights IMAGENET1K_V2 cat.jpg
-    python -m jaxnets.predict --model resnet18 --weights multilabel.safetensors --threshold 0.4 photo.jpg
+"""Classify images with pretrained or fine-tuned weights: the work behind ``jaxnets-predict``.
 
 A jaxnets weights file names its model in its header, so ``--model`` is needed only for torchvision's weights
 (by name, or the default). Weights trained with ``--multi-label`` (their header says so) show every class above
@@ -18,7 +13,6 @@ batches (the last one padded), so the forward pass is compiled once.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,17 +22,18 @@ import numpy as np
 from flax import linen as nn
 from PIL import Image
 
-from jaxnets import errors, evaluation
+from jaxnets import evaluation
 from jaxnets.data.arrays import is_array_file, load_array
 from jaxnets.data.pil_eval import center_crop, preprocess, read_image
 from jaxnets.errors import UserError
 from jaxnets.eval_transform import EvalTransform
+from jaxnets.fileio import atomic_path
 from jaxnets.registry import ModelRef, get_spec, imagenet_categories, is_weights_name
 from jaxnets.weights import WeightsFile, load_weights, open_pretrained, torchvision_weights_of
 
-__all__ = ["above_threshold", "batch_logits", "category_names", "center_crop", "classify", "eval_transform",
-           "is_multi_label", "load_input", "make_forward", "open_weights", "preprocess", "read_image",
-           "sigmoid", "softmax", "top_k", "weights_path"]
+__all__ = ["above_threshold", "batch_logits", "cam_background", "cam_file_names", "category_names", "center_crop",
+           "classify", "eval_transform", "chunks", "is_multi_label", "load_input", "make_forward", "open_weights",
+           "preprocess", "read_image", "sigmoid", "softmax", "top_k", "weights_path", "write_png"]
 
 def make_forward(model: nn.Module) -> Callable[[Any, np.ndarray], jax.Array]:
     """The jitted eval-mode forward pass: float32 logits for a batch (compiled once per batch shape), under the
@@ -181,8 +176,37 @@ def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[start:start + size]
 
 
-if __name__ == "__main__":  # the command's home is jaxnets.cli.predict
-    from jaxnets.cli import predict as cli
 
-    with errors.invoked_as("predict", "python -m jaxnets.predict"):
-        sys.exit(cli.main())
+def cam_background(path: str | Path, transform: EvalTransform) -> Image.Image | np.ndarray:
+    """What a class activation map is laid over: the input as ``load_input`` reads it, before the eval transform
+    (an RGB or grayscale image; a ``.npy`` array's pixels, its channels' mean in gray unless it has 3)."""
+    if not is_array_file(path):
+        image = read_image(path)
+        return image if transform.in_chans == 3 else image.convert("L")
+    pixels = load_array(path)
+    if pixels.shape[-1] != 3:
+        pixels = pixels.mean(axis=-1)
+    return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
+def cam_file_names(paths: Sequence[str | Path], method: str) -> list[str]:
+    """``<stem>.<method>.png`` for each input, ``<stem>-<n>.<method>.png`` (n = 2, 3, ...) for a stem already
+    taken (compared case-blind, as some file systems do), so no picture overwrites another."""
+    taken: set[str] = set()
+    names = []
+    for path in paths:
+        stem = Path(path).stem
+        name, n = f"{stem}.{method}.png", 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{stem}-{n}.{method}.png"
+        taken.add(name.lower())
+        names.append(name)
+    return names
+
+
+def write_png(path: str | Path, picture: Image.Image) -> Path:
+    """``picture`` written atomically as the PNG ``path`` (``fileio.atomic_path``: never half-written)."""
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")  # the temporary name does not end in .png
+    return Path(path)
