@@ -19,8 +19,9 @@ from jaxnets.data import DIGITS, DataConfig, DataError, parse_classes
 from jaxnets.data.autoaugment import CHANNELS, MAGNITUDE_BINS, POLICIES
 from jaxnets.data.config import POSITIVE_INT, Range, TooFewExamples, field_ranges
 from jaxnets.errors import UserError, is_int
-from jaxnets.eval_transform import resize_for_crop
+from jaxnets.eval_transform import EvalTransform, resize_for_crop
 from jaxnets.models.googlenet import AUX_WEIGHT
+from jaxnets.parallel import DISTRIBUTED
 from jaxnets.registry import DEFAULT_WEIGHTS, ModelRef, ModelSpec, get_spec, is_weights_name
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -377,9 +378,10 @@ class TrainConfig:
                                  group=OPTIMIZATION, choices=tuple(RECIPES), log=Log(1, "recipe {}"))
     # transfer learning
     pretrained: str | None = setting(None, "start from torchvision's ImageNet weights (no value: IMAGENET1K_V1), "
-                                           "torchvision's weights by name (IMAGENET1K_V2; DEFAULT is torchvision's "
-                                           "alias for its best), or a jaxnets weights FILE (a file named like "
-                                           "weights, in capitals: ./NAME); the classifier is re-initialized",
+                                           "weights by name (torchvision's IMAGENET1K_V2, DEFAULT its best; timm's "
+                                           "tags: a1_in1k; self-supervised: dino), a Hub repo "
+                                           "(hf-hub:ORG/REPO[@REVISION]), or a jaxnets weights FILE (a file named "
+                                           "like a bare word: ./NAME); the classifier is re-initialized",
                                      group=TRANSFER, nargs="?", const=DEFAULT_WEIGHTS, metavar="NAME|FILE")
     freeze: str = setting("none", "none | backbone | parameter path patterns: conv1,layer1", group=TRANSFER,
                           resume=True)
@@ -413,6 +415,10 @@ class TrainConfig:
                                               "its share of the host's GPUs by processes per host; else all) or "
                                               "indices 0,1,... (default: auto)", group=RUN,
                                         metavar="all|auto|0,1,...")
+    distributed: str = setting("auto", "auto: join the multi-process run a cluster environment describes (Slurm, "
+                                       "Open MPI, Kubernetes, TPU pods) or --coordinator gives; off: a single "
+                                       "process even inside one (e.g. one srun step of an allocation)", group=RUN,
+                               choices=DISTRIBUTED)
     # the model's output count, a setting of the run but no flag: the dataset gives it
     num_classes: int | None = setting(None, "set from the dataset", group=None, resume=True)
 
@@ -444,10 +450,23 @@ class TrainConfig:
 
     def data_config(self) -> DataConfig:
         """What the input pipeline is asked for: each ``data`` setting as it is, the images of one optimizer
-        update (``update_batch_size``), and the model's normalization statistics for ``in_chans``."""
-        transforms = self.spec.weights.transforms.for_channels(self.in_chans)
+        update (``update_batch_size``), and the normalization statistics for ``in_chans`` (``normalization``)."""
+        transforms = self.normalization
         fed = {o.name: getattr(self, o.name) for o in options(type(self)) if o.data}
         return DataConfig(**fed, batch_size=self.update_batch_size, mean=transforms.mean, std=transforms.std)
+
+    @functools.cached_property
+    def normalization(self) -> EvalTransform:
+        """The statistics the images are normalized with, for ``in_chans``: the ``--pretrained`` weights' own (a
+        timm tag may have others than ImageNet's: resnet34.ra4_e3600_r224_in1k's 0.5 and 0.5), else those of
+        the model's torchvision weights (``weights.pretrained_transform``: a Hub repo or a file is opened, and
+        converted on first use as the run would)."""
+        if self.pretrained is None:
+            return self.spec.weights.transforms.for_channels(self.in_chans)
+        from jaxnets.weights import pretrained_transform
+
+        weights = None if self.pretrained == "default" else self.pretrained  # "default": older config.json
+        return pretrained_transform(self.spec, weights).for_channels(self.in_chans)
 
     def model_options(self) -> dict[str, Any]:
         """The options the model is built with (``create_model``'s keywords), from the settings that declare one
@@ -465,8 +484,11 @@ class TrainConfig:
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill in the defaults that depend on the model and the dataset; check the choices."""
     spec = config.spec  # raises for an unknown model
-    if is_weights_name(config.pretrained):  # an unknown weights name fails now, not once the data is loaded
-        spec.get_weights(config.pretrained)
+    # An unknown weights name fails now, not once the data is loaded ("default": earlier versions' config.json).
+    if config.pretrained != "default" and is_weights_name(config.pretrained):
+        from jaxnets.weights import resolve_weights  # names only: nothing is downloaded
+
+        resolve_weights(spec, config.pretrained)
     _check_choices(config)
     digits = config.dataset == DIGITS
     if config.image_size is not None:

@@ -24,7 +24,8 @@ class UserError(ValueError):
 
 # The commands a pip install puts on PATH (pyproject's [project.scripts]); what error messages tell a user to run.
 COMMANDS = {"train": "jaxnets-train", "convert": "jaxnets-convert", "predict": "jaxnets-predict",
-            "benchmark": "jaxnets-benchmark", "evaluate": "jaxnets-evaluate", "export": "jaxnets-export"}
+            "benchmark": "jaxnets-benchmark", "evaluate": "jaxnets-evaluate", "export": "jaxnets-export",
+            "push": "jaxnets-push"}
 _invoked: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar("jaxnets_invoked_as",
                                                                                      default=())
 

@@ -19,6 +19,7 @@ does, and returns the filter of what stays trainable.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,8 @@ class Model(nnx.Module):
         self.frozen_norm = transfer.frozen_modules(self.model_name, traverse_util.unflatten_dict(flat_mask))
         if all(flat_mask.values()):
             return nnx.Param
-        return nnx.All(nnx.Param, _ParamPaths(path for path, trainable in flat_mask.items() if trainable))
+        trainable = frozenset(tuple(path) for path, trains in flat_mask.items() if trains)
+        return nnx.All(nnx.Param, _ParamPaths(trainable))
 
 
 # --- building -----------------------------------------------------------------------------------------------
@@ -204,34 +206,24 @@ def save_weights(path: weights_lib.PathLike, model: Model, *, metadata: Mapping[
 # --- transfer-learning filters --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
 class _UnderModules:
-    """NNX filter: the ``params`` under any of ``modules`` (``'/'``-joined Linen module paths), as
-    ``jaxnets.transfer`` tells the head of a parameter path."""
+    """NNX filter: the ``params`` under any of ``modules``, by ``jaxnets.transfer``'s head rule (``in_head``)."""
 
-    def __init__(self, modules: Sequence[str]):
-        self.modules = tuple(tuple(module.split("/")) for module in modules)
+    modules: tuple[tuple[str, ...], ...]
 
     def __call__(self, path: tuple, value: Any) -> bool:
-        if not path or path[0] != PARAMS:
-            return False
-        parts = tuple(str(part) for part in path[1:])
-        return any(parts[:len(module)] == module for module in self.modules)
+        return bool(path) and path[0] == PARAMS and transfer.in_head(tuple(str(p) for p in path[1:]), self.modules)
 
     def __repr__(self) -> str:
         return f"UnderModules({', '.join('/'.join(m) for m in self.modules)})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _UnderModules) and other.modules == self.modules
 
-    def __hash__(self) -> int:
-        return hash(self.modules)
-
-
+@dataclass(frozen=True)
 class _ParamPaths:
     """NNX filter: exactly these ``params`` (Linen paths without the collection)."""
 
-    def __init__(self, paths: Any):
-        self.paths = frozenset(tuple(path) for path in paths)
+    paths: frozenset[tuple[str, ...]]
 
     def __call__(self, path: tuple, value: Any) -> bool:
         return len(path) > 1 and path[0] == PARAMS and tuple(str(part) for part in path[1:]) in self.paths
@@ -239,23 +231,17 @@ class _ParamPaths:
     def __repr__(self) -> str:
         return f"ParamPaths({len(self.paths)} arrays)"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ParamPaths) and other.paths == self.paths
-
-    def __hash__(self) -> int:
-        return hash(self.paths)
-
 
 def head_filter(name: ModelRef | Model) -> Filter:
     """The parameters of ``name``'s head (``get_spec(name).head``: the classifier, GoogLeNet's auxiliary heads
     too), what ``jaxnets.transfer.head_mask`` marks and ``--freeze backbone`` trains: for
     ``nnx.Optimizer(model, tx, wrt=head_filter(name))`` and ``nnx.DiffState(0, head_filter(name))``."""
-    return nnx.All(nnx.Param, _UnderModules(_spec(name).head))
+    return nnx.All(nnx.Param, _UnderModules(transfer.head_modules(_spec(name))))
 
 
 def backbone_filter(name: ModelRef | Model) -> Filter:
     """The parameters outside ``name``'s head: what ``--freeze backbone`` freezes (``model.freeze(...)``)."""
-    return nnx.All(nnx.Param, nnx.Not(_UnderModules(_spec(name).head)))
+    return nnx.All(nnx.Param, nnx.Not(_UnderModules(transfer.head_modules(_spec(name)))))
 
 
 def _spec(name: ModelRef | Model) -> registry.ModelSpec:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import socket
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,9 +22,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxnets.errors import UserError
+from jaxnets.errors import UserError, first_line
 
 DATA_AXIS = "data"
+DISTRIBUTED = ("auto", "off")  # --distributed: join the cluster JAX detects, or run a single process regardless
+# Slurm: JAX's coordinator port is 61440 + SLURM_JOB_ID % 4096, one port for every step of an allocation. jaxnets adds
+# SLURM_STEP_ID x an odd stride (so 4096 consecutive steps of one allocation get distinct ports; step 0 keeps JAX's).
+_SLURM_PORT_BASE, _SLURM_PORTS, _SLURM_STEP_STRIDE = 65535 - 2**12 + 1, 2**12, 1031
+# What a process tells the others when it stops at a collective check (raise_together): a line, cut to this size.
+_MESSAGE_BYTES = 1024
 # Clusters where jax.distributed.initialize() pins each process to the one local device of its local rank
 # (jax/_src/clusters/cluster.py: local_device_ids = [local_process_id] when none is given).
 RANK_PINNING_CLUSTERS = ("slurm", "ompi")
@@ -101,6 +108,7 @@ class Launch:
     process_id: int | None = None
     local_device_ids: tuple[int, ...] | None = None
     reason: str = "all devices"
+    how: str = ""  # how the coordinator was chosen, or why a detected cluster was left alone (--distributed off)
 
     @property
     def multi_process(self) -> bool:
@@ -121,25 +129,38 @@ class Launch:
 
     def describe(self) -> str:
         where = {None: "single process", "explicit": "--coordinator"}.get(self.cluster, self.cluster)
-        return f"{where}, {self.reason}"
+        return f"{where}{f' ({self.how})' if self.how else ''}, {self.reason}"
 
 
 def plan_launch(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-                local_devices: str | None = None) -> Launch:
+                local_devices: str | None = None, distributed: str = "auto") -> Launch:
     """Whether and how this process joins a multi-process run, decided from the flags and the environment
-    (the cluster as JAX detects it; under Slurm and Open MPI, the processes and GPUs on this host)."""
+    (the cluster as JAX detects it; under Slurm and Open MPI, the processes and GPUs on this host).
+    ``distributed='off'``: a single process whatever the environment says (one step of a Slurm allocation that
+    trains or evaluates alone)."""
     environ = os.environ
     explicit = (coordinator, num_processes, process_id)
+    if distributed not in DISTRIBUTED:
+        raise UserError(f"--distributed {distributed!r}: choose one of {', '.join(DISTRIBUTED)}")
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
         raise UserError("--coordinator, --num-processes and --process-id go together (give all three, or none "
                         "and let a cluster environment be auto-detected)")
     if coordinator is not None:
+        if distributed == "off":
+            raise UserError("--distributed off runs a single process: leave out --coordinator, --num-processes and "
+                            "--process-id")
         parse_coordinator(coordinator)
     choice = parse_local_devices(local_devices)
     cluster = "explicit" if coordinator is not None else detected_cluster()
     if cluster is None and environ.get("JAX_COORDINATOR_ADDRESS"):
         cluster = "JAX_COORDINATOR_ADDRESS"
-    base = Launch(cluster, coordinator, num_processes, process_id)
+    how = ""
+    if distributed == "off":
+        how = "--distributed off" + (f": {cluster} environment not joined" if cluster else "")
+        cluster = None
+    elif cluster == "slurm" and not environ.get("JAX_COORDINATOR_ADDRESS"):
+        coordinator, how = slurm_coordinator(environ)
+    base = Launch(cluster, coordinator, num_processes, process_id, how=how)
     if isinstance(choice, tuple):
         return dataclasses.replace(base, local_device_ids=choice,
                                    reason=f"local devices {_ids(choice)} (--local-devices)")
@@ -186,6 +207,26 @@ def _split_host_gpus(cluster: str, environ: Mapping[str, str], visible: int) -> 
     label = "one process per GPU" if share == 1 else f"{size} processes per host"
     return {"local_device_ids": ids, "reason": f"{label}: local rank {rank} of {size} takes GPU(s) {_ids(ids)} "
                                                f"of {visible}"}
+
+
+def slurm_coordinator(environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """The coordinator address of a Slurm step and how it was chosen: the step's first node (as JAX finds it) at
+    a port from ``SLURM_JOB_ID`` and ``SLURM_STEP_ID``, so that the steps of one allocation (a sweep, training
+    beside evaluation) never share a port, as they do under JAX's job-id-only port. ``JAX_COORDINATOR_PORT``, when
+    set, is JAX's and is left to it (address None)."""
+    if environ.get("JAX_COORDINATOR_PORT"):
+        return None, f"coordinator port {environ['JAX_COORDINATOR_PORT']} (JAX_COORDINATOR_PORT)"
+    job, step = environ.get("SLURM_JOB_ID", ""), environ.get("SLURM_STEP_ID")
+    if not job.isdigit() or not (step or "0").isdigit():
+        return None, "coordinator port from SLURM_JOB_ID (JAX's)"
+    port = _SLURM_PORT_BASE + (int(job) + _SLURM_STEP_STRIDE * int(step or 0)) % _SLURM_PORTS
+    try:
+        from jax._src.clusters.slurm_cluster import SlurmCluster  # private: JAX's parsing of the node list
+        address = SlurmCluster.get_coordinator_address(None, override_coordinator_port=str(port))
+    except (ImportError, AttributeError, TypeError, KeyError):  # another JAX: its own port, as before
+        return None, "coordinator port from SLURM_JOB_ID (JAX's)"
+    return address, f"coordinator {address}, port from SLURM_JOB_ID {job} and " + (
+        f"SLURM_STEP_ID {step}" if step is not None else "no SLURM_STEP_ID")
 
 
 def visible_gpus(environ: Mapping[str, str]) -> int | None:
@@ -247,14 +288,14 @@ _launch = Launch(None)  # what initialize() did in this process, for describe_to
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_devices: str | None = None) -> Launch:
+               process_id: int | None = None, local_devices: str | None = None, distributed: str = "auto") -> Launch:
     """Start ``jax.distributed`` when the run is one of several processes: explicit arguments, or a cluster
     JAX detects (Slurm, Open MPI, Kubernetes, TPU pods, ``JAX_COORDINATOR_ADDRESS``), each process driving
-    the devices ``plan_launch`` gives it. A no-op for a single process (but for ``--local-devices`` ids, which
-    then limit the GPUs this process uses) and when already initialized. Must run before anything touches
-    a JAX device."""
+    the devices ``plan_launch`` gives it; ``distributed='off'``: never. A no-op for a single process (but for
+    ``--local-devices`` ids, which then limit the GPUs this process uses) and when already initialized. Must run
+    before anything touches a JAX device."""
     global _launch
-    launch = plan_launch(coordinator, num_processes, process_id, local_devices)
+    launch = plan_launch(coordinator, num_processes, process_id, local_devices, distributed)
     if jax.distributed.is_initialized():
         return _launch
     if not launch.multi_process:
@@ -363,6 +404,41 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def raise_together(error: BaseException | None) -> None:
+    """A check every process makes at the same point: when it failed on any process, every process raises, so
+    that none goes on to wait in a collective for a process that has stopped. The process that failed raises its
+    own ``error``; the others a ``UserError`` with its first line (the first failed process's, by index): one line
+    on every process. A no-op (or ``error`` raised) in a single process."""
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    text = "" if error is None else first_line(error) or type(error).__name__
+    messages = share_text(text)
+    if error is not None:
+        raise error
+    failed = next((message for message in messages if message), None)
+    if failed is not None:
+        raise UserError(failed)
+
+
+def share_text(text: str) -> list[str]:
+    """Every process's ``text`` (UTF-8, at most ``_MESSAGE_BYTES`` of it), by process index, on every process:
+    a collective."""
+    if jax.process_count() == 1:
+        return [text]
+    data = np.zeros(_MESSAGE_BYTES, np.uint8)
+    encoded = text.encode()[:_MESSAGE_BYTES]
+    data[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(data)).reshape(jax.process_count(), _MESSAGE_BYTES)
+    return [bytes(row).rstrip(b"\0").decode(errors="ignore") for row in gathered]
+
+
+def host_name() -> str:
+    """This process's host, for messages that say which host saw what."""
+    return socket.gethostname()
 
 
 def is_main_process() -> bool:

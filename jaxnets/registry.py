@@ -54,14 +54,15 @@ INIT_SIZE = 224
 
 DEFAULT_WEIGHTS = "IMAGENET1K_V1"  # jaxnets' default version: what a model name without a version means
 TORCHVISION_DEFAULT = "DEFAULT"  # torchvision's alias for its best weights of a model (IMAGENET1K_V2 where it exists)
-_WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")  # torchvision's Weights enum member names
+_WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_]+")  # a bare word: torchvision's IMAGENET1K_V2, timm's a1_in1k, dino
+HUB_PREFIX = "hf-hub:"  # weights on the Hugging Face Hub: hf-hub:ORG/REPO[@REVISION]
 
 
 def is_weights_name(text: Any) -> bool:
-    """Whether ``text`` is spelled as a torchvision weights name (``IMAGENET1K_V2``, ``DEFAULT``) rather than a
-    file path: upper-case letters, digits and underscores only, as torchvision's enum members are (a file so
-    named is reached as ``./NAME``)."""
-    return isinstance(text, str) and _WEIGHTS_NAME.fullmatch(text) is not None
+    """Whether ``text`` names weights rather than a file: a bare word of letters, digits and underscores (no dot,
+    no slash: torchvision's ``IMAGENET1K_V2`` and ``DEFAULT``, timm's tags such as ``a1_in1k``, the
+    self-supervised ``dino``), or ``hf-hub:ORG/REPO[@REVISION]``. A file so named is reached as ``./NAME``."""
+    return isinstance(text, str) and (_WEIGHTS_NAME.fullmatch(text) is not None or text.startswith(HUB_PREFIX))
 
 
 @dataclass(frozen=True)

@@ -12,18 +12,25 @@ from typing import Any
 
 import jax
 
+from jaxnets import parallel
 from jaxnets.run_io import RunLog
 
 
 class StopSignal:
-    """SIGINT/SIGTERM -> finish the current step, save a checkpoint, exit cleanly."""
+    """SIGINT/SIGTERM -> finish the current step, save a checkpoint, exit cleanly.
+
+    In a run of several processes the signal may reach one process only (a preempted host): ``requested`` is the
+    collective answer, the same on every process, and the loop asks it only at points every process reaches (the
+    same steps), so that all stop at one step and save together. ``signum`` is this process's own signal, read
+    for its exit status only."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopSignal]:
-        """The handlers for the body (in the main thread only: elsewhere Python cannot install them)."""
+        """The handlers for the body (in the main thread only: elsewhere Python cannot install them). A second
+        signal, or one during the final save, is absorbed: the save it would interrupt completes."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -32,10 +39,19 @@ class StopSignal:
             yield self
         finally:
             for s, handler in previous.items():
-                signal.signal(s, handler)
+                # None: a handler installed outside Python (JAX's preemption notifier), which Python cannot put back
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+    def requested(self) -> bool:
+        """Whether any process has received a stop signal (collective: every process must call it at the same
+        point). Processes that received none stop as if by SIGTERM."""
+        if parallel.any_process(self.signum is not None):
+            self.signum = self.signum or signal.SIGTERM
+            return True
+        return False
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        self.signum = self.signum or signum  # the first signal is the one the exit status reports
 
 
 class DurationEstimate:

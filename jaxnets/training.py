@@ -11,6 +11,7 @@ does before its work (``jaxnets.run_setup``), its description (``jaxnets.run_des
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import optax
 
@@ -57,17 +59,21 @@ def train_and_evaluate(config: TrainConfig) -> TrainResult:
     The run owns its workdir (``jaxnets.locks``): a second run on it is refused before it reads it."""
     fit_batch = batch_fits_data(config)
     config = start(config)
-    with owned_workdir(Path(config.workdir).absolute(), enabled=parallel.is_main_process()) as opening:
-        return _train_and_evaluate(config, fit_batch, opening)
+    stop = StopSignal()
+    # Several processes: a signal during the start (a host preempted while the others compile) is held for the
+    # loop's first check, where all stop together; a single process keeps Ctrl-C's immediate exit until the loop.
+    early = stop.installed() if jax.process_count() > 1 else contextlib.nullcontext()
+    with early, owned_workdir(Path(config.workdir).absolute(), enabled=parallel.is_main_process()) as opening:
+        return _train_and_evaluate(config, fit_batch, opening, stop)
 
 
-def _train_and_evaluate(config: TrainConfig, fit_batch: bool, opening: Start) -> TrainResult:
+def _train_and_evaluate(config: TrainConfig, fit_batch: bool, opening: Start, stop: StopSignal) -> TrainResult:
     config, mesh, dataset = setup(config, fit_batch=fit_batch)
     workdir = Path(config.workdir).absolute()
     checkpointer = Checkpointer(workdir / CHECKPOINTS_DIR, keep=config.keep_checkpoints,
                                 clean_partial=parallel.is_main_process())
     try:
-        return _run(config, mesh, dataset, workdir, checkpointer, opening)
+        return _run(config, mesh, dataset, workdir, checkpointer, opening, stop)
     except StorageError as error:
         if isinstance(error, CheckpointStorageError):
             checkpointer.close(quiet=True)
@@ -84,7 +90,7 @@ def _train_and_evaluate(config: TrainConfig, fit_batch: bool, opening: Start) ->
 
 
 def _run(config: TrainConfig, mesh: Any, dataset: Dataset, workdir: Path, checkpointer: Checkpointer,
-         opening: Start) -> TrainResult:
+         opening: Start, stop: StopSignal) -> TrainResult:
     resume_step = _check_resumable(checkpointer, config, dataset.steps_per_epoch)
     run = RunLog(workdir, enabled=parallel.is_main_process(), resume_step=resume_step or 0, title=_title(config))
     run.print(f"run directory: {workdir}")
@@ -120,7 +126,7 @@ def _run(config: TrainConfig, mesh: Any, dataset: Dataset, workdir: Path, checkp
         run.print(f"--freeze {config.freeze}: {transfer.describe(variables['params'], trainable_mask)}"
                   + (f"; BatchNorm on running statistics in {', '.join(frozen_norm)}" if frozen_norm else ""))
     opening.done()  # training begins: what the run writes from now on stays, whatever follows
-    return _train_loop(config, dataset, mesh, state, schedule, checkpointer, run)
+    return _train_loop(config, dataset, mesh, state, schedule, checkpointer, run, stop)
 
 
 def _check_resumable(checkpointer: Checkpointer, config: TrainConfig, steps_per_epoch: int) -> int | None:
@@ -139,7 +145,7 @@ def _check_resumable(checkpointer: Checkpointer, config: TrainConfig, steps_per_
 
 
 def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainState, schedule: optax.Schedule,
-                checkpointer: Checkpointer, run: RunLog) -> TrainResult:
+                checkpointer: Checkpointer, run: RunLog, stop: StopSignal) -> TrainResult:
     steps_per_epoch = dataset.steps_per_epoch
     # --log-grad-norms: the step computes each stage's gradient norm; without it, the step is the same as ever.
     groups = (gradient_groups(state.apply_fn.__self__, state.variables, config.image_size)
@@ -153,7 +159,7 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
     stop_step = _stop_step(config, steps_per_epoch)
     step = int(parallel.to_host(state.step))
     meta = resume_record(json.loads(config.to_json()), steps_per_epoch)
-    val_metrics, ema_metrics, confusion, stop = None, None, None, StopSignal()
+    val_metrics, ema_metrics, confusion = None, None, None
 
     def evaluate(weights: TrainState) -> tuple[dict, np.ndarray | None]:
         return evaluation.validate(eval_step, weights.variables, dataset.eval_batches("val"), mesh,
@@ -179,8 +185,12 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
         val_metrics, ema_metrics, _ = validate()
 
     estimate = DurationEstimate(step, stop_step, run)
+    # Every stop decision is stop.requested(), collective, at points every process reaches at the same step: at the
+    # start of each epoch (after the last one's evaluation, save and plot) and at each logged step. The handlers stay
+    # installed to the end, so that a signal during the final save or the final weights cannot cut them short.
     with stop.installed():
-        while step < stop_step and stop.signum is None:
+        stopping = False
+        while step < stop_step and not (stopping := stop.requested()):
             epoch, start = divmod(step, steps_per_epoch)
             epoch_start = time.perf_counter()
             progress = Progress(epoch, config.epochs, steps_per_epoch, start, config.update_batch_size,
@@ -202,8 +212,8 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
                             {**logged, "lr": float(schedule(step - 1)), "images_per_sec": progress.images_per_second})
                     train_metrics.append(logged)
                     pending = []
-                    if parallel.any_process(stop.signum is not None):
-                        stop.signum = stop.signum or signal.SIGTERM
+                    if stop.requested():
+                        stopping = True
                         break
                 if (config.checkpoint_every and step % config.checkpoint_every == 0 and not end_of_epoch
                         and step != stop_step):  # the last step is saved below, with its evaluation
@@ -212,7 +222,7 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
                 if step >= stop_step:
                     break
             progress.close()
-            if stop.signum is not None:
+            if stopping:
                 break
             if step % steps_per_epoch == 0 or step == stop_step:
                 val_metrics, ema_metrics, confusion = validate()
@@ -221,18 +231,20 @@ def _train_loop(config: TrainConfig, dataset: Dataset, mesh: Any, state: TrainSt
                 save(ema_metrics or val_metrics)
                 run.plot()
 
-    if stop.signum is not None:
-        save()
-        checkpointer.wait()
-        run.print(f"stopped by {signal.Signals(stop.signum).name} at step {step}: checkpoint saved in "
-                  f"{checkpointer.directory}; run the same command again to resume")
-        return TrainResult(Path(config.workdir).absolute(), step, {}, stop.signum, state)
-    if val_metrics is None:  # resumed a finished run: nothing trained, evaluate again for the report
-        val_metrics, ema_metrics, confusion = validate()
-    checkpointer.wait()  # a save that failed in the background is reported before the run says it is done
-    run.plot(confusion, dataset.class_names)
-    if parallel.is_main_process():
-        save_final_weights(config, state, dataset.class_names, {"step": step, **(ema_metrics or val_metrics)}, run)
+        if stopping:
+            save()
+            checkpointer.wait()
+            signum = stop.signum or signal.SIGTERM
+            run.print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint saved in "
+                      f"{checkpointer.directory}; run the same command again to resume")
+            return TrainResult(Path(config.workdir).absolute(), step, {}, signum, state)
+        if val_metrics is None:  # resumed a finished run: nothing trained, evaluate again for the report
+            val_metrics, ema_metrics, confusion = validate()
+        checkpointer.wait()  # a save that failed in the background is reported before the run says it is done
+        run.plot(confusion, dataset.class_names)
+        if parallel.is_main_process():
+            save_final_weights(config, state, dataset.class_names, {"step": step, **(ema_metrics or val_metrics)},
+                               run)
     run.print(f"done: step {step}, {headline(val_metrics)}"
               + (f", EMA {headline(ema_metrics)}" if ema_metrics else "")
               + f"; run directory: {Path(config.workdir).absolute()}")

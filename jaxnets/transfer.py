@@ -245,12 +245,22 @@ def _check_mult(mult: Any, where: str) -> None:
                         "(freeze those parameters instead)")
 
 
+def head_modules(spec: ModelSpec) -> tuple[Path, ...]:
+    """The head's module paths (``spec.head``, the classifier first) as tuples of names."""
+    return tuple(tuple(module.split("/")) for module in spec.head)
+
+
+def in_head(path: Path, modules: tuple[Path, ...]) -> bool:
+    """THE head rule: a parameter path is in the head when it lies under one of the head's ``modules``."""
+    return any(path[:len(module)] == module for module in modules)
+
+
 def _flat_head(spec: ModelSpec, flat: dict[Path, Any]) -> dict[Path, bool]:
-    classifier, *others = [tuple(module.split("/")) for module in spec.head]
-    if not any(path[:len(classifier)] == classifier for path in flat):
+    modules = head_modules(spec)
+    if not any(in_head(path, modules[:1]) for path in flat):
         raise UserError(f"{spec.name}: parameters have no classifier {spec.classifier!r}; "
                         f"top-level modules: {', '.join(_top_level(flat))}")
-    return {path: any(path[:len(m)] == m for m in (classifier, *others)) for path in flat}
+    return {path: in_head(path, modules) for path in flat}
 
 
 def _block(module: Path) -> str:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxnets
-from jaxnets import registry
+from jaxnets import errors, registry
 from jaxnets.errors import UserError
 from jaxnets.eval_transform import EvalTransform, resize_for_crop
 from jaxnets.registry import ModelSpec, PretrainedWeights
@@ -320,7 +320,8 @@ def test_installed_commands_are_declared_and_importable():
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) == {"jaxnets-train", "jaxnets-convert", "jaxnets-predict", "jaxnets-benchmark",
-                            "jaxnets-evaluate", "jaxnets-export"}
+                            "jaxnets-evaluate", "jaxnets-export", "jaxnets-push"}
+    assert set(scripts) == {f"jaxnets-{name}" for name in errors.COMMANDS}  # what error messages tell users to run
     for target in scripts.values():
         module, _, function = target.partition(":")
         assert callable(getattr(import_module(module), function)), target

@@ -84,13 +84,67 @@ def test_slurm_one_task_per_node_drives_all_eight_gpus(cluster):
                 SLURM_NTASKS_PER_NODE=1, SLURM_GPUS_ON_NODE=8, CUDA_VISIBLE_DEVICES=GPUS_8)
     assert jax_resolves({})[3] == [0]  # the bug: JAX's default
     launch = parallel.initialize()
-    assert cluster.calls == [{"coordinator_address": None, "num_processes": None, "process_id": None,
+    port = 4321 % 2**12 + 65535 - 2**12 + 1  # no SLURM_STEP_ID (a batch script's own step): JAX's port
+    assert cluster.calls == [{"coordinator_address": f"gpu017:{port}", "num_processes": None, "process_id": None,
                               "local_device_ids": list(range(8))}]
-    port = 4321 % 2**12 + 65535 - 2**12 + 1
+    assert jax_resolves(cluster.calls[0]) == jax_resolves({"local_device_ids": list(range(8))})
     assert jax_resolves(cluster.calls[0]) == (f"gpu017:{port}", 2, 1, list(range(8)))
     assert cluster.config == {"jax_cpu_collectives_implementation": "gloo"}
     assert launch.cluster == "slurm"
-    assert start_line(cluster).endswith("; launch: slurm, one process per host: all 8 GPUs")
+    assert start_line(cluster).endswith(f"; launch: slurm (coordinator gpu017:{port}, port from SLURM_JOB_ID 4321 "
+                                        "and no SLURM_STEP_ID), one process per host: all 8 GPUs")
+
+
+def test_two_steps_of_one_slurm_allocation_get_two_coordinator_ports(cluster):
+    """Two ``srun`` steps of one allocation (a sweep, or training beside evaluation), each of 2 tasks on the same
+    first node: JAX alone gives both the port of the job id; jaxnets' ports differ, and JAX's detection takes them
+    and fills in the rest as before."""
+    cluster.env(**SLURM_TWO_NODES, SLURM_NTASKS=2, SLURM_PROCID=0, SLURM_LOCALID=0, SLURM_TASKS_PER_NODE="1(x2)")
+    addresses, by_jax_alone = [], []
+    for step in (0, 1):
+        cluster.env(SLURM_STEP_ID=step)
+        launch = parallel.initialize()
+        addresses.append(jax_resolves(cluster.calls[-1])[0])
+        by_jax_alone.append(jax_resolves({})[0])
+        assert jax_resolves(cluster.calls[-1])[1:] == jax_resolves({})[1:] == (2, 0, [0])
+        assert f"port from SLURM_JOB_ID 4321 and SLURM_STEP_ID {step}" in launch.describe()
+    assert by_jax_alone[0] == by_jax_alone[1]  # the collision
+    assert addresses[0] == by_jax_alone[0] and addresses[1] != addresses[0]
+    assert all(a.startswith("gpu017:") and 61440 <= int(a.split(":")[1]) <= 65535 for a in addresses)
+    cluster.env(JAX_COORDINATOR_PORT=5555)  # the user's port: JAX's to apply
+    assert parallel.plan_launch().coordinator is None
+    assert jax_resolves(parallel.plan_launch().initialize_kwargs())[0] == "gpu017:5555"
+
+
+def test_distributed_off_runs_one_process_under_slurm_variables(cluster):
+    cluster.env(**SLURM_TWO_NODES, SLURM_NTASKS=2, SLURM_PROCID=1, SLURM_LOCALID=0, SLURM_STEP_ID=3,
+                SLURM_TASKS_PER_NODE="1(x2)")
+    assert parallel.detected_cluster() == "slurm"
+    launch = parallel.initialize(distributed="off")
+    assert cluster.calls == [] and not launch.multi_process
+    assert "jax_cpu_collectives_implementation" not in cluster.config
+    assert start_line(cluster).endswith("launch: single process (--distributed off: slurm environment not joined), "
+                                        "all local devices")
+    with pytest.raises(UserError, match=r"^--distributed off runs a single process: leave out --coordinator"):
+        parallel.initialize("10.0.0.1:1234", 2, 1, distributed="off")
+    with pytest.raises(UserError, match=r"^--distributed 'on': choose one of auto, off$"):
+        parallel.initialize(distributed="on")
+    assert cluster.calls == []
+
+
+def test_evaluate_distributed_off_runs_one_process_under_slurm_variables(cluster, capsys):
+    """``jaxnets-evaluate --distributed off`` inside an allocation (an ``srun -n1`` step beside training): no
+    cluster is joined; the default joins the one JAX detects. (The evaluation itself stops at its missing data.)"""
+    from jaxnets.cli.evaluate import main as evaluate
+
+    cluster.env(**SLURM_TWO_NODES, SLURM_NTASKS=2, SLURM_PROCID=1, SLURM_LOCALID=0, SLURM_STEP_ID=3,
+                SLURM_TASKS_PER_NODE="1(x2)")
+    argv = ["--weights", "/nonexistent/weights.safetensors", "--dataset", "/nonexistent/data", "--no-progress"]
+    assert evaluate([*argv, "--distributed", "off"]) == 1 and cluster.calls == []
+    with pytest.raises(SystemExit):
+        evaluate([*argv, "--distributed", "on"])
+    assert "--distributed: invalid choice: 'on'" in capsys.readouterr().err
+    assert evaluate(argv) == 1 and len(cluster.calls) == 1  # auto: the Slurm step's cluster
 
 
 def test_slurm_one_task_per_gpu_drives_its_local_ranks_gpu(cluster):
@@ -99,7 +153,7 @@ def test_slurm_one_task_per_gpu_drives_its_local_ranks_gpu(cluster):
     parallel.initialize()
     assert cluster.calls[0]["local_device_ids"] == [3]
     assert jax_resolves(cluster.calls[0])[1:] == (16, 11, [3]) == jax_resolves({})[1:]  # JAX's default too
-    assert start_line(cluster).endswith("launch: slurm, one process per GPU: local rank 3 of 8 takes GPU(s) 3 of 8")
+    assert start_line(cluster).endswith("SLURM_STEP_ID), one process per GPU: local rank 3 of 8 takes GPU(s) 3 of 8")
 
 
 def test_slurm_gpus_bound_per_task_are_each_tasks_own(cluster):

@@ -24,7 +24,8 @@ CHECKOUT = {"jaxnets-train": (["train.py"], "train.py"),
             "jaxnets-predict": (["-m", "jaxnets.predict"], "python -m jaxnets.predict"),
             "jaxnets-evaluate": (["-m", "jaxnets.evaluate"], "python -m jaxnets.evaluate"),
             "jaxnets-export": (["-m", "jaxnets.export"], "python -m jaxnets.export"),
-            "jaxnets-benchmark": (["-m", "jaxnets.benchmark"], "python -m jaxnets.benchmark")}
+            "jaxnets-benchmark": (["-m", "jaxnets.benchmark"], "python -m jaxnets.benchmark"),
+            "jaxnets-push": (["-m", "jaxnets.cli.push"], "python -m jaxnets.cli.push")}
 
 
 def test_every_installed_command_is_a_main_in_jaxnets_cli():
@@ -92,7 +93,8 @@ def test_importing_the_commands_loads_neither_the_benchmark_nor_torch():
 # Each command's arguments that reach its parser's own checks (a positional argument where it needs one).
 USAGE_ERRORS = {"jaxnets-train": ["--epochs", "many"], "jaxnets-convert": ["--all", "resnet18"],
                 "jaxnets-predict": ["--top", "0", "x.png"], "jaxnets-evaluate": ["--batch-size", "0"],
-                "jaxnets-export": ["--format", "onnx"], "jaxnets-benchmark": ["--suite", "nope"]}
+                "jaxnets-export": ["--format", "onnx"], "jaxnets-benchmark": ["--suite", "nope"],
+                "jaxnets-push": ["run", "not a repo"]}
 
 
 @pytest.mark.parametrize("command", sorted(CHECKOUT))

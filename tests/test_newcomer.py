@@ -191,11 +191,12 @@ def test_a_finished_run_says_so_and_exits_at_once(folder_runs):
 
 def test_pretrained_weights_offline_are_one_error_and_no_warning(tmp_path, monkeypatch, caplog):
     from jaxnets.weights import WeightsError, pretrained
+    from jaxnets.weights import cache as weights_cache
 
     def offline(spec, version):
         raise WeightsError(f"{spec.name}: cannot download (offline)")
 
-    monkeypatch.setenv(pretrained.HOME_ENV, str(tmp_path))
+    monkeypatch.setenv(weights_cache.HOME_ENV, str(tmp_path))
     monkeypatch.setattr(pretrained, "fetch_torchvision_state_dict", offline)
     with caplog.at_level(logging.INFO), pytest.raises(WeightsError, match=r"^resnet18: cannot download \(offline\)$"):
         pretrained.open_pretrained("resnet18")

@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 from test_transfer import random_variables
 
 import jaxnets
+from jaxnets.data.folder import INDEX_DIR
 from jaxnets.locks import LOCK_FILE
 from jaxnets.probe import CLASSIFIER_FILE, FEATURES_FILE, METRICS_FILE, extract_features, linear_probe
 
@@ -167,4 +168,4 @@ def test_the_probe_on_a_small_folder_shrinks_its_default_batch_as_training_does(
     assert (config["batch_size"], config["eval_batch_size"]) == (fits, fits)
     # No files of a training run (an empty checkpoints/ and metrics.jsonl were): another probe may use the workdir.
     assert sorted(p.name for p in workdir.iterdir()) == sorted([LOCK_FILE, "config.json", FEATURES_FILE,
-                                                                CLASSIFIER_FILE, METRICS_FILE])
+                                                                CLASSIFIER_FILE, METRICS_FILE, INDEX_DIR])

@@ -4,6 +4,7 @@ random torchvision weights placed in the cache (there is no download here)."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import types
@@ -15,8 +16,14 @@ import pytest
 import torchvision
 
 import jaxnets
-from jaxnets.weights import save_weights
-from jaxnets.weights.pretrained import HOME_ENV, cached_weights_path
+from jaxnets import trees
+from jaxnets.weights import save_weights, self_supervised
+from jaxnets.weights.cache import HOME_ENV
+from jaxnets.weights.hub import TIMM_WEIGHTS
+from jaxnets.weights.pretrained import cached_weights_path
+from jaxnets.weights.self_supervised import SELF_SUPERVISED
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the commit the offline Hub cache's refs/main names
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -54,9 +61,35 @@ def pretrained_cache(tmp_path, monkeypatch):
     variables = jaxnets.from_torch_state_dict("resnet50", state)
     for version in jaxnets.get_spec("resnet50").weight_versions:
         save_weights(cached_weights_path("resnet50", version), "resnet50", variables)
+    hub_repos_and_backbones(tmp_path, monkeypatch, state, variables)
     torch_resnet18 = {k: v.numpy() for k, v in torchvision.models.resnet18().state_dict().items()}
     save_weights(cached_weights_path("resnet18"), "resnet18", jaxnets.from_torch_state_dict("resnet18",
                                                                                             torch_resnet18))
+
+
+def hub_repos_and_backbones(tmp_path, monkeypatch, state, variables):
+    """The Hub repos the README names, in an offline Hub-client cache as timm lays them out (config.json and
+    model.safetensors: timm's ResNet keys are torchvision's), and the self-supervised backbones in jaxnets' cache."""
+    import huggingface_hub.constants
+    from safetensors.numpy import save_file
+
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time by the client
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    for tag in ("a1_in1k", "fb_swsl_ig1b_ft_in1k"):
+        weights = TIMM_WEIGHTS["resnet50"][tag]
+        folder = cache / f"models--timm--resnet50.{tag}" / "snapshots" / COMMIT
+        folder.mkdir(parents=True)
+        (folder.parents[1] / "refs").mkdir()
+        (folder.parents[1] / "refs" / "main").write_text(COMMIT)
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(folder / "model.safetensors"))
+        config = {"architecture": "resnet50", "num_classes": 1000, "pretrained_cfg": weights.pretrained_cfg()}
+        (folder / "config.json").write_text(json.dumps(config))
+    backbone = {k: v for k, v in trees.flatten(variables).items() if "/fc/" not in k}
+    for name in ("dino", "swav"):
+        save_weights(self_supervised.cached_path("resnet50", SELF_SUPERVISED[name]), "resnet50",
+                     trees.unflatten(backbone), model_options={"features_only": True})
 
 
 def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch, pretrained_cache, capsys):

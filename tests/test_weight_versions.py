@@ -93,8 +93,8 @@ def test_wordnet_ids_are_imagenet_s_sorted_synsets_in_torchvision_s_category_ord
 
 
 def test_weights_names_and_files_are_told_apart():
-    assert all(registry.is_weights_name(n) for n in ("IMAGENET1K_V1", "IMAGENET1K_V2", "DEFAULT"))
-    assert not any(registry.is_weights_name(n) for n in ("default", "./IMAGENET1K_V2", "w.safetensors",
+    assert all(registry.is_weights_name(n) for n in ("IMAGENET1K_V1", "IMAGENET1K_V2", "DEFAULT", "default"))
+    assert not any(registry.is_weights_name(n) for n in ("./IMAGENET1K_V2", "w.safetensors",
                                                          "runs/x/final_weights.safetensors", Path("IMAGENET1K_V2")))
     assert pretrained.resolve_weights("resnet50", Path("IMAGENET1K_V2")) == Path("IMAGENET1K_V2")
     with pytest.raises(UserError, match=r"resnet18: no weights named 'IMAGENET1K_V2'; torchvision's for resnet18: "
@@ -223,7 +223,9 @@ def test_train_pretrained_takes_a_version_name(hub, resnet50_files, tmp_path, ca
     monkeypatch.setattr(run_setup, "load_dataset", lambda *args, **kwargs: pytest.fail("data loaded"))
     assert train_cli.main(["--model", "resnet18", "--pretrained", "IMAGENET1K_V2", "--workdir", str(tmp_path)]) == 1
     assert capsys.readouterr().err == ("jaxnets-train: error: resnet18: no weights named 'IMAGENET1K_V2'; "
-                                       "torchvision's for resnet18: IMAGENET1K_V1 (DEFAULT = IMAGENET1K_V1)\n")
+                                       "torchvision's for resnet18: IMAGENET1K_V1 (DEFAULT = IMAGENET1K_V1); "
+                                       "timm's: fb_swsl_ig1b_ft_in1k, fb_ssl_yfcc100m_ft_in1k, a1_in1k; "
+                                       "or hf-hub:ORG/REPO; a file so named: ./IMAGENET1K_V2\n")
     mesh = parallel.make_mesh()
     _, variables, note = run_setup.build_model(config, 3, mesh)
     assert "torchvision's IMAGENET1K_V2" in note and "re-initialized fc for 3 classes" in note

@@ -27,7 +27,8 @@ from jaxnets.cli import convert
 from jaxnets.cli import predict as predict_cli
 from jaxnets.fileio import storage_errno
 from jaxnets.weights import fileformat, load_weights
-from jaxnets.weights.pretrained import cache_writer, cached_weights_path
+from jaxnets.weights.cache import cache_writer
+from jaxnets.weights.pretrained import cached_weights_path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,7 +38,7 @@ RUN = ["--model", "resnet18", "--epochs", "1", "--batch-size", "8", "--log-every
 HOLD = """
 import sys, time
 from jaxnets import create_model, locks, predict, save_weights, trees
-from jaxnets.weights.pretrained import cache_writer
+from jaxnets.weights.cache import cache_writer
 with (locks.hold(sys.argv[1]) if sys.argv[2] == "workdir" else cache_writer(sys.argv[1])):
     print("held", flush=True)
     time.sleep(600)

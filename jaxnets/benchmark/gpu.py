@@ -37,10 +37,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from jaxnets import errors, host, kernels
+from jaxnets.benchmark import timing
 
 PROG = "python -m jaxnets.benchmark --suite gpu"
 FAMILY_MODELS = ("alexnet", "vgg16", "googlenet", "resnet50")
@@ -427,18 +427,11 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
                         help="time the headline with torch.compile too (auto: on a GPU)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip what would not end within this many seconds (default 400; --tiny: none)")
-    parser.add_argument("--output", type=Path, default=None, help="write the markdown here too")
-    parser.add_argument("--json", type=Path, default=None, help="write the rows and context as JSON here")
-    parser.add_argument("--system-malloc", action="store_true", help="the host's malloc as it is (see the "
-                                                                     "model benchmark's --system-malloc)")
+    timing.add_report_flags(parser)
     args = parser.parse_args(argv)
     tiny = args.tiny
-    defaults = {"batch_size": 2 if tiny else 256, "family_batch_size": 2 if tiny else 128,
-                "image_size": 32 if tiny else 224, "warmup": 1 if tiny else 3, "iters": 1 if tiny else 10,
-                "budget_s": None if tiny else 400.0}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    timing.fill_defaults(args, {"batch_size": (2, 256), "family_batch_size": (2, 128), "image_size": (32, 224),
+                                "warmup": (1, 3), "iters": (1, 10), "budget_s": (None, 400.0)})
     args.pipeline_batch, args.pipeline_size = (4, 32) if tiny else (128, 224)
     args.pipeline_images, args.pipeline_epochs = (8, 1) if tiny else (2048, 2)
     from jaxnets.registry import list_models
@@ -450,17 +443,13 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
             parser.error(f"--models/--model: unknown model {name!r}")
     if unknown := [d for d in args.dtypes if d not in DTYPES]:
         parser.error(f"--dtypes: unknown {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
-    for flag in ("batch_size", "family_batch_size", "image_size", "iters"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    timing.check_at_least(parser, args, {"batch_size": 1, "family_batch_size": 1, "image_size": 1, "iters": 1})
     return args
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     """The GPU check; the exit status. Runs anywhere JAX runs (``--tiny`` on a CPU)."""
-    args = parse_args(argv, prog)
-    args.command = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
-    return errors.run_cli(prog, lambda: _main(args))
+    return timing.run_suite(argv, prog, parse_args, _main)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -471,11 +460,6 @@ def _main(args: argparse.Namespace) -> int:
     if not args.system_malloc:
         host.retain_freed_memory()
     rows, context = run(args)
-    text = markdown(rows, context)
-    print(text, flush=True)
-    if args.output:
-        args.output.write_text(text + "\n", encoding="utf-8")
-    if args.json:
-        args.json.write_text(json.dumps({"context": context, "rows": [dataclasses.asdict(r) for r in rows]},
-                                        indent=2), encoding="utf-8")
+    timing.write_report(args, markdown(rows, context),
+                        {"context": context, "rows": [dataclasses.asdict(r) for r in rows]})
     return 0

@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from jaxnets import errors, host
+from jaxnets.benchmark import timing
 from jaxnets.benchmark.kernel_choice import round_ratios
 
 PROG = "python -m jaxnets.benchmark --suite nnx"
@@ -209,17 +207,10 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
                                                                  "--tiny 1)")
     parser.add_argument("--iters", type=int, default=None, help="timed rounds, every variant once in each (default 10; "
                                                                 "--tiny 1)")
-    parser.add_argument("--output", type=Path, default=None, help="write the markdown here too")
-    parser.add_argument("--json", type=Path, default=None, help="write the rows and context as JSON here")
-    parser.add_argument("--system-malloc", action="store_true", help="the host's malloc as it is (see the model "
-                                                                     "benchmark's --system-malloc)")
+    timing.add_report_flags(parser)
     args = parser.parse_args(argv)
-    tiny = args.tiny
-    defaults = {"models": "resnet18" if tiny else "resnet18,resnet50", "batch_size": 2 if tiny else 16,
-                "image_size": 32 if tiny else 224, "warmup": 1 if tiny else 2, "iters": 1 if tiny else 10}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    timing.fill_defaults(args, {"models": ("resnet18", "resnet18,resnet50"), "batch_size": (2, 16),
+                                "image_size": (32, 224), "warmup": (1, 2), "iters": (1, 10)})
     from jaxnets.config import check_image_size
     from jaxnets.registry import list_models
 
@@ -236,19 +227,13 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
         parser.error("--models: no model given")
     if not args.modes or any(mode not in MODES for mode in args.modes):
         parser.error(f"--modes: choose from {', '.join(MODES)}")
-    for flag in ("batch_size", "image_size", "iters"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    timing.check_at_least(parser, args, {"batch_size": 1, "image_size": 1, "iters": 1, "warmup": 0})
     return args
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     """The NNX-against-Linen benchmark; the exit status."""
-    args = parse_args(argv, prog)
-    args.command = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
-    return errors.run_cli(prog, lambda: _main(args))
+    return timing.run_suite(argv, prog, parse_args, _main)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -271,11 +256,6 @@ def _main(args: argparse.Namespace) -> int:
     context = {"date": time.strftime("%Y-%m-%d"), "device": device_description(), "jax": jax.__version__,
                "flax": flax.__version__, "command": args.command, "compiler_options": host.xla_cpu_options(),
                "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    text = markdown(rows, context)
-    print("\n" + text, flush=True)
-    if args.output:
-        args.output.write_text(text + "\n", encoding="utf-8")
-    if args.json:
-        args.json.write_text(json.dumps({"context": context, "rows": [r.as_dict() for r in rows]}, indent=2),
-                             encoding="utf-8")
+    print(flush=True)
+    timing.write_report(args, markdown(rows, context), {"context": context, "rows": [r.as_dict() for r in rows]})
     return 0

@@ -1,12 +1,19 @@
-"""What the model benchmark and the per-convolution timing share: the cores both libraries are given, how a
-call is timed, and torchvision's model of a name. One home, so that the two measurements stay comparable."""
+"""What the benchmarks share: the cores both libraries are given, how a call is timed, torchvision's model of a
+name, and the report flags and files (``--output``, ``--json``, ``--system-malloc``, ``--tiny`` defaults). One
+home, so that the measurements stay comparable and every suite reports alike."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+from jaxnets import errors
 
 
 def num_threads() -> int:
@@ -44,3 +51,44 @@ def torchvision_model(name: str) -> Any:
     import torchvision
 
     return torchvision.models.get_model(name, weights=None, **({"init_weights": True} if name == "googlenet" else {}))
+
+
+def add_report_flags(parser: argparse.ArgumentParser) -> None:
+    """``--output`` (the markdown), ``--json`` (rows and context) and ``--system-malloc``, as every suite has them."""
+    parser.add_argument("--output", type=Path, default=None, help="write the markdown here too")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows and context as JSON here")
+    parser.add_argument("--system-malloc", action="store_true", help="the host's malloc as it is (see the model "
+                                                                     "benchmark's --system-malloc)")
+
+
+def fill_defaults(args: argparse.Namespace, defaults: Mapping[str, tuple[Any, Any]]) -> None:
+    """Set each flag left at None to its ``(tiny, full)`` default, by ``args.tiny``."""
+    for key, (tiny, full) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if args.tiny else full)
+
+
+def write_report(args: argparse.Namespace, text: str, payload: Mapping[str, Any]) -> None:
+    """Print the markdown, then write it to ``--output`` and ``payload`` to ``--json`` where asked."""
+    print(text, flush=True)
+    if args.output:
+        args.output.write_text(text + "\n", encoding="utf-8")
+    if args.json:
+        args.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+
+
+def check_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, minimums: Mapping[str, int]) -> None:
+    """Each flag given (not None) at least its minimum: argparse's one-line error naming the flag otherwise."""
+    for flag, minimum in minimums.items():
+        value = getattr(args, flag)
+        if value is not None and value < minimum:
+            parser.error(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
+
+
+def run_suite(argv: Sequence[str] | None, prog: str, parse_args: Callable[[Sequence[str] | None, str], Any],
+              body: Callable[[argparse.Namespace], int]) -> int:
+    """A suite's command line: parse (recording the command as run, for the report), then ``body`` under
+    ``errors.run_cli`` (a user error one line, a bug its traceback); the exit status."""
+    args = parse_args(argv, prog)
+    args.command = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
+    return errors.run_cli(prog, lambda: body(args))

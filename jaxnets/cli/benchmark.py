@@ -3,7 +3,8 @@
 Flags and what is timed: ``jaxnets.benchmark.models``; ``--help`` lists them. ``--suite gpu`` is the one-shot
 GPU check (``jaxnets.benchmark.gpu``), ``--suite kernels`` the measurement of the kernel variants per CPU
 (``jaxnets.benchmark.kernel_choice``), ``--suite nnx`` the NNX modules against their Linen models
-(``jaxnets.benchmark.nnx_vs_linen``); each has its own ``--help``. The benchmark is a tool on top of the
+(``jaxnets.benchmark.nnx_vs_linen``), ``--suite input`` the input pipelines against torchvision's ``DataLoader``
+(``jaxnets.benchmark.input_pipeline``); each has its own ``--help``. The benchmark is a tool on top of the
 library, never part of it: this command imports it when it runs, and nothing else in jaxnets imports this
 module.
 """
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 from jaxnets import errors, host
 
-SUITES = ("models", "gpu", "kernels", "nnx")
+SUITES = ("models", "gpu", "kernels", "nnx", "input")
 
 
 def split_suite(argv: Sequence[str]) -> tuple[str, list[str]]:
@@ -52,5 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if suite == "nnx":
         from jaxnets.benchmark import nnx_vs_linen
         return nnx_vs_linen.main(rest, prog=f"{prog} --suite nnx")
+    if suite == "input":
+        from jaxnets.benchmark import input_pipeline
+        return input_pipeline.main(rest, prog=f"{prog} --suite input")
     from jaxnets.benchmark import models
     return models.main(rest, prog=prog)

@@ -1,5 +1,9 @@
 """``jaxnets-convert``: torchvision weights to jaxnets weights files, and jaxnets weights back to PyTorch.
 
+``--from FILE`` takes a torchvision model's state dict however a script saved it: nested (``{'state_dict': ...}``),
+with DataParallel's ``module.``, or wrapped by a self-supervised method (MoCo, SwAV, ...; ``--layout``), whose heads,
+momentum encoder, queue or prototypes are dropped and listed (``jaxnets.weights.wrappings``).
+
 A user error (a missing file, a bad option, a conversion that does not reproduce torchvision) is one line on
 stderr and exit status 1; with ``--all`` one model failing does not stop the others. Anything else is a bug
 and keeps its traceback (``jaxnets.errors.run_cli``).
@@ -16,6 +20,7 @@ from pathlib import Path
 from jaxnets import errors
 from jaxnets.registry import TORCHVISION_DEFAULT, get_spec, list_models
 from jaxnets.weights import Conversion, cached_weights_path, convert, export_torch
+from jaxnets.weights.wrappings import LAYOUTS
 
 PROG = "jaxnets-convert"
 
@@ -27,6 +32,8 @@ EXAMPLES = """\
     {cmd} resnet50 --from resnet50-0676ba61.pth --verify
     {cmd} resnet18 --from my.safetensors --out my_resnet18.safetensors   # no torch needed
     {cmd} googlenet --from mine.pth --option transform_input=true   # see --option
+    {cmd} resnet50 --from r-50-1000ep.pth.tar   # MoCo v3's checkpoint: a backbone (no fc), wrapping detected
+    {cmd} resnet50 --from checkpoint.pth --layout swav   # the wrapping named (see --layout)
     {cmd} --to-torch finetuned.safetensors --out finetuned.pth
 
 The cache is $JAXNETS_HOME/weights (default ~/.cache/jaxnets/weights), where load_pretrained looks.
@@ -44,6 +51,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("--from", dest="source", metavar="FILE",
                         help="local state dict (.pth via torch.load(weights_only=True), or .safetensors) "
                              "instead of downloading torchvision's")
+    parser.add_argument("--layout", metavar="NAME", choices=list(LAYOUTS),
+                        help="how --from FILE wraps the state dict, instead of detecting it: "
+                             + "; ".join(f"{name}: {layout.description}" for name, layout in LAYOUTS.items())
+                             + ". The method's heads, momentum encoder, queue and prototypes are dropped and listed")
     parser.add_argument("--out", metavar="PATH", help="output file (with --all: directory); default: the cache for "
                                                       "torchvision's weights, else <FILE stem>.jaxnets.safetensors")
     parser.add_argument("--weights", metavar="NAME",
@@ -70,7 +81,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.to_torch:
-        if args.model or args.all or args.source or args.verify or args.option or args.weights:
+        if args.model or args.all or args.source or args.verify or args.option or args.weights or args.layout:
             parser.error("--to-torch takes only --out")
         if not args.out:
             parser.error("--to-torch needs --out FILE (.pth or .safetensors)")
@@ -79,6 +90,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
         parser.error("give one MODEL, or --all")
     if args.all and args.source:
         parser.error("--from converts one file: give MODEL, not --all")
+    if args.layout and not args.source:
+        parser.error("--layout says how --from FILE is wrapped: give --from FILE")
     options = dict(_parse_option(parser, option) for option in args.option)
     failures = 0
     for name in _models(parser, args):
@@ -86,7 +99,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
 
         def convert_one(name: str = name, out: str | Path | None = out) -> int:
             return _print(_describe(convert(name, args.source, out, verify=args.verify, model_options=options,
-                                            weights=args.weights)))
+                                            weights=args.weights, layout=args.layout)))
 
         failures += errors.run_cli(prog, convert_one)  # one model failing does not stop --all
     return 1 if failures else 0
@@ -121,6 +134,8 @@ def _parse_option(parser: argparse.ArgumentParser, option: str) -> tuple[str, ob
 
 def _describe(result: Conversion) -> str:
     line = f"{result.name}: {result.source} (sha256 {result.source_sha256[:12]}) -> {result.path}"
+    if result.metadata.get("layout") not in (None, "torchvision"):  # what it dropped is logged as it reads
+        line += f"; {result.metadata['layout']} layout"
     if result.max_abs_diff is not None:
         line += f"; verified: max |logit diff| vs torchvision {result.max_abs_diff:.2e} <= {result.tolerance:.2e}"
     return line

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 
 from jaxnets import errors, explain
 from jaxnets.data.pil_eval import WORKER_KINDS
+from jaxnets.eval_transform import EVAL_SIZES
 from jaxnets.evaluate.inputs import PREPROCESS, SPLITS
 from jaxnets.evaluate.run import DEFAULT_BATCH, EvalConfig, evaluate
+from jaxnets.parallel import DISTRIBUTED
 from jaxnets.registry import DEFAULT_WEIGHTS
 
 DESCRIPTION = ("Evaluate weights on a dataset: top-1, top-5, loss, per-class accuracy, confusion matrix, and every "
@@ -22,11 +24,14 @@ EXAMPLES = """\
     {cmd} --model resnet50 --pretrained --dataset imagenet2012 --data-dir ~/tensorflow_datasets
     {cmd} --weights runs/resnet18-flowers            # a train.py run: its final weights on what it held out
     {cmd} --weights my_resnet18.safetensors --dataset photos/ --preprocess tf
+    {cmd} --weights resnet50_a1_in1k.safetensors --dataset ~/imagenet/val --eval-size test   # timm's 288 px
 
 Class folders are matched to the model's outputs by name: ImageNet's synset folders (n01440764, ...) to
 ImageNet's outputs, a fine-tuned model's recorded class names to its own. --preprocess torchvision (the default
 for torchvision's weights) decodes and resizes with PIL exactly as torchvision's weights.transforms(); tf is
-train.py's tf.data pipeline (the default for train.py's weights).
+train.py's tf.data pipeline (the default for train.py's weights). Weights converted from timm's are shown
+timm's eval transform (their pretrained_cfg: crop_pct, bicubic, ...), pixel for pixel with --preprocess
+torchvision.
 """
 
 
@@ -54,6 +59,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         help="torchvision: PIL, identical pixels to torchvision's weights.transforms() (default for "
                              "torchvision's and other PyTorch weights); tf: train.py's tf.data pipeline (default "
                              "for train.py's weights)")
+    parser.add_argument("--eval-size", choices=EVAL_SIZES, default=EvalConfig.eval_size,
+                        help="for weights converted from timm's (timm's pretrained_cfg in their metadata): its "
+                             "input size and crop_pct (default), or its test_input_size and test_crop_pct (test)")
     parser.add_argument("--batch-size", type=int, help=f"global batch over all devices (default {DEFAULT_BATCH}, "
                                                        "rounded up to a multiple of the device count)")
     parser.add_argument("--workers", type=int, help="processes (or threads) decoding and resizing images for "
@@ -62,6 +70,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         help="process (scales with the cores) or thread (starts at once; PIL holds the GIL for ~15 "
                              "%% of the work, which caps threads near 6 cores) (default: process)")
     parser.add_argument("--devices", type=int, help="use the first N devices (default: all)")
+    parser.add_argument("--distributed", choices=DISTRIBUTED, default="auto",
+                        help="auto: join the multi-process cluster JAX detects (Slurm, Open MPI, ...); off: one "
+                             "process, whatever the environment (an srun -n1 step beside a training run)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     parser.add_argument("--output", metavar="DIR", help="where eval.json and eval_confusion_matrix.png go (default: "
                                                         "next to the weights file; runs/eval-<weights>-<dataset> "
@@ -92,8 +103,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     config = EvalConfig(model=args.model, weights=args.weights, pretrained=args.pretrained, dataset=args.dataset,
-                        data_dir=args.data_dir, split=args.split, preprocess=args.preprocess,
-                        batch_size=args.batch_size, workers=args.workers, devices=args.devices, dtype=args.dtype,
+                        data_dir=args.data_dir, split=args.split, preprocess=args.preprocess, eval_size=args.eval_size,
+                        batch_size=args.batch_size, workers=args.workers, devices=args.devices,
+                        distributed=args.distributed, dtype=args.dtype,
                         output=args.output, progress=not args.no_progress,
                         cam_errors=args.cam_errors, cam_layer=args.cam_layer,
                         **({"worker_kind": args.worker_kind} if args.worker_kind else {}),

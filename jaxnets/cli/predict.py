@@ -23,7 +23,7 @@ from flax import linen as nn
 from jaxnets import errors, explain, predict
 from jaxnets.data.pil_eval import READ_ERRORS
 from jaxnets.errors import UserError
-from jaxnets.eval_transform import EvalTransform
+from jaxnets.eval_transform import EVAL_SIZES, EvalTransform
 from jaxnets.evaluation import THRESHOLD
 from jaxnets.predict import classification
 from jaxnets.weights import instantiate
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"multi-label weights (train.py --multi-label): show every class whose sigmoid "
                              f"probability reaches P, instead of the top K (default {THRESHOLD})")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--eval-size", choices=EVAL_SIZES, default="default",
+                        help="for weights converted from timm's: its input size and crop_pct (default), or its "
+                             "test_input_size and test_crop_pct (test)")
     parser.add_argument("--cam", choices=list(explain.METHODS), metavar="METHOD",
                         help=f"also write each image's class activation map for its top class, over the image, "
                              f"into --cam-dir: one of {', '.join(explain.METHODS)}")
@@ -73,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(model, "features_only", False):
             raise UserError(f"{weights_file.path}: {weights_file.name} backbone weights (features_only): no classifier "
                             f"to classify with")
-        transform = predict.eval_transform(weights_file.name, weights_file)
+        transform = predict.eval_transform(weights_file.name, weights_file, args.eval_size)
         if args.cam is not None:
             check_cam_layer(model, weights_file.name, args.cam_layer)
     except (OSError, UserError) as exc:  # anything else is a bug in jaxnets: its traceback shows

@@ -122,7 +122,9 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str | None = None)
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """Train (or fit a linear probe); the exit status. A ``UserError`` or ``OSError`` is one line on stderr and
-    status 1; anything else is a bug in jaxnets and keeps its traceback. ``argv=None`` is this process's
+    status 1; anything else is a bug in jaxnets and keeps its traceback. A stop signal (SIGTERM, SIGINT) in the
+    training loop saves a checkpoint and exits 128 + the signal; in a run of several processes a signal to any one
+    stops all of them at the same step, and those that got none exit 128 + SIGTERM. ``argv=None`` is this process's
     command line, restarted on tcmalloc first where the system has it."""
     prog = prog or errors.command("train")
     if argv is None:

@@ -7,23 +7,29 @@ processes, and a resumed run sees the same data.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
+from jaxnets.data.arrays import ARRAY_EXTENSION
 from jaxnets.data.lazy_tf import tf
 from jaxnets.data.split import Shard, Split
-from jaxnets.data.transforms import decode_file
+from jaxnets.data.transforms import IMAGE_CHANNELS, decode_file
 
 
 @dataclass
 class IndexedSplit(Split):
-    """Examples addressable by index: decoded images in memory, or image files."""
+    """Examples addressable by index: decoded images in memory, or image files. Training examples of files are
+    their paths (``Split.train_examples``): the augmentation decodes them."""
 
     labels: np.ndarray  # int32 (n,)
     images: np.ndarray | None = None  # uint8 (n, h, w, channels)
     paths: np.ndarray | None = None  # str (n,)
     channels: int = 3  # what files are decoded to (transforms.decode_file)
+    # Training yields image files' paths, of which the augmentation decodes only the crop window
+    # (decodes_windows); False decodes whole files here first (the same batches: the benchmark's reference).
+    window_decode: bool = True
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -31,7 +37,7 @@ class IndexedSplit(Split):
     def subset(self, keep: np.ndarray, labels: np.ndarray | None = None) -> IndexedSplit:
         return IndexedSplit(self.labels[keep] if labels is None else labels,
                             None if self.images is None else self.images[keep],
-                            None if self.paths is None else self.paths[keep], self.channels)
+                            None if self.paths is None else self.paths[keep], self.channels, self.window_decode)
 
     def loader(self):
         """A tf function: index -> (image (h, w, channels), label)."""
@@ -42,6 +48,13 @@ class IndexedSplit(Split):
         paths = tf.constant(self.paths)
         return lambda i: (decode_file(tf.gather(paths, i), self.channels), tf.gather(labels, i))
 
+    @functools.cached_property
+    def decodes_windows(self) -> bool:
+        """Whether training yields paths, for the augmentation to decode their crop windows: image files only (1 or
+        3 channels, no ``.npy`` array among them), unless ``window_decode`` is off."""
+        return (self.window_decode and self.paths is not None and self.channels in IMAGE_CHANNELS
+                and not np.char.endswith(np.char.lower(self.paths.astype(str)), ARRAY_EXTENSION).any())
+
     def steps_per_epoch(self, batch_size: int, shard: Shard) -> int:
         return len(self) // batch_size
 
@@ -51,7 +64,10 @@ class IndexedSplit(Split):
         order = order[:steps * batch_size].reshape(steps, batch_size)
         positions = np.arange(order.size).reshape(order.shape)
         columns = _columns(batch_size, shard)
-        return self._load(order[start_step:, columns].ravel(), positions[start_step:, columns].ravel())
+        index, position = order[start_step:, columns].ravel(), positions[start_step:, columns].ravel()
+        if self.decodes_windows:
+            return tf.data.Dataset.from_tensor_slices((self.paths[index], self.labels[index], position))
+        return self._load(index, position)
 
     def eval_examples(self, batch_size: int, shard: Shard) -> tf.data.Dataset:
         return self._load(*padded_layout(len(self), shard.local(batch_size), shard))

@@ -4,9 +4,14 @@ one implementation behind ``jaxnets.predict`` and the evaluation's ``--preproces
 ``ImageFolder``'s loader opens a file with PIL and converts it to RGB; ``weights.transforms()`` (the
 ``ImageClassification`` preset) resizes the shorter side with PIL (bilinear, antialiased), center-crops,
 scales to [0, 1] and normalizes in float32. ``load`` does the same steps with the same libraries and the same
-float32 arithmetic, so its pixels are identical. A loader runs it in worker processes or threads
-(``ordered_map``). Threads start at once, but hold the GIL for ~15 % of the work (PIL's Python code around its
-C decoder and resampler), which caps them near 6x one core; processes scale with the cores.
+float32 arithmetic, so its pixels are identical. The same steps are timm's eval transform
+(``create_transform(**resolve_data_config(cfg), is_training=False)``) for a transform read from timm's
+``pretrained_cfg`` (``EvalTransform.from_timm_cfg``): bicubic or bilinear, its ``crop_pct`` resize, and its crop
+modes (``squash``: both sides resized; ``border``: the longer side, padded with the mean colour).
+
+A loader runs it in worker processes or threads (``ordered_map``). Threads start at once, but hold the GIL for
+~15 % of the work (PIL's Python code around its C decoder and resampler), which caps them near 6x one core;
+processes scale with the cores.
 """
 
 from __future__ import annotations
@@ -60,15 +65,31 @@ def preprocess(image: Image.Image, transform: EvalTransform = IMAGENET_EVAL) -> 
 
 
 def resize_and_crop(image: Image.Image, transform: EvalTransform = IMAGENET_EVAL) -> np.ndarray:
-    """torchvision's ``Resize`` of the shorter side and ``CenterCrop`` on a PIL image: uint8 (crop, crop, 3)."""
+    """torchvision's ``Resize`` of the shorter side and ``CenterCrop`` on a PIL image: uint8 (crop, crop, 3);
+    for timm's other crop modes its ``Resize`` to a square or ``ResizeKeepRatio`` and ``CenterCropOrPad``."""
     image = image.resize(resized_size(image.size, transform), INTERPOLATION[transform.interpolation])
-    return np.asarray(center_crop(image, transform.crop_size))
+    return np.asarray(center_crop(image, transform.crop_size, pad_fill(transform)))
+
+
+def pad_fill(transform: EvalTransform) -> int | tuple[int, ...]:
+    """What ``center_crop`` pads with: black, or for timm's ``border`` mode the mean colour (as timm rounds it)."""
+    if transform.crop_mode != "border":
+        return 0
+    fill = tuple(round(255 * v) for v in transform.mean)
+    return fill if len(fill) > 1 else fill[0]
 
 
 def resized_size(size: tuple[int, int], transform: EvalTransform = IMAGENET_EVAL) -> tuple[int, int]:
     """(width, height) after torchvision's ``Resize`` of the shorter side to ``resize_size`` (the longer side
-    truncated): also where the class activation maps find the crop in the original image."""
+    truncated): also where the class activation maps find the crop in the original image. timm's ``squash``
+    mode resizes both sides to ``resize_size``; its ``border`` mode the longer one (``ResizeKeepRatio``,
+    ``longest=1``: the other side rounded)."""
     width, height = size
+    if transform.crop_mode == "squash":
+        return transform.resize_size, transform.resize_size
+    if transform.crop_mode == "border":
+        ratio = max(height / transform.resize_size, width / transform.resize_size)
+        return round(width / ratio), round(height / ratio)
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = transform.resize_size, int(transform.resize_size * long / short)
     return (new_short, new_long) if width <= height else (new_long, new_short)
@@ -88,11 +109,12 @@ def normalize(pixels: np.ndarray, transform: EvalTransform = IMAGENET_EVAL) -> n
     return (pixels.astype(np.float32) / np.float32(255) - mean) / std
 
 
-def center_crop(image: Image.Image, crop: int) -> Image.Image:
-    """torchvision's ``center_crop``: zero-pad when the image is smaller, then crop the middle."""
+def center_crop(image: Image.Image, crop: int, fill: int | tuple[int, ...] = 0) -> Image.Image:
+    """torchvision's ``center_crop``: zero-pad when the image is smaller, then crop the middle; with ``fill``
+    timm's ``center_crop_or_pad`` (the same place, another colour)."""
     width, height = image.size
     if crop > width or crop > height:
-        padded = Image.new(image.mode, (max(width, crop), max(height, crop)))
+        padded = Image.new(image.mode, (max(width, crop), max(height, crop)), fill)
         padded.paste(image, ((crop - width) // 2 if crop > width else 0, (crop - height) // 2 if crop > height else 0))
         image, (width, height) = padded, padded.size
     top = int(round((height - crop) / 2.0))

@@ -8,6 +8,7 @@ returning a ``Source`` of ``Split``s, and one line in this table.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from jaxnets.data import digits, folder, multilabel_folder, tfds
@@ -27,14 +28,18 @@ SOURCES: tuple[tuple[Recognizer, Loader], ...] = (
 )
 
 
-def load_dataset(config: DataConfig, process_index: int = 0, process_count: int = 1) -> Dataset:
+def load_dataset(config: DataConfig, process_index: int = 0, process_count: int = 1, *,
+                 index_dir: str | os.PathLike | None = None) -> Dataset:
     """Resolve ``config.dataset``: ``'digits'``, an existing folder, or a TFDS name (prepared in
-    ``config.data_dir`` or downloadable). Raises ``DataError`` with a one-line reason."""
+    ``config.data_dir`` or downloadable). Raises ``DataError`` with a one-line reason. ``index_dir`` (a run's
+    workdir): where a folder's scan is cached, so that a resumed run and the processes but the first skip it
+    (``folder.cached_in``); None scans a folder on every load."""
     check_config(config)
     load = next((load for recognizes, load in SOURCES if recognizes(config)), None)
     if load is None:
         raise DataError(f"unknown dataset {config.dataset!r}: no data source recognizes it")
-    source = load(config, process_count)
+    with folder.cached_in(index_dir):
+        source = load(config, process_count)
     if config.classes is not None:
         source = keep_classes(source, config.classes)
     notes = [*source.notes, *check_classes(config, source)]

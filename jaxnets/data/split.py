@@ -45,7 +45,9 @@ class Split(ABC):
         """``(image (h, w, channels), int32 label, int64 position)`` of this process's share of every global
         batch of epoch ``epoch`` from step ``start_step``, in batch order, a deterministic function of
         ``(seed, epoch)``. ``position`` seeds the example's augmentation: distinct within the epoch, also
-        across processes, and the same whatever ``start_step`` is."""
+        across processes, and the same whatever ``start_step`` is. ``image`` may also be an image file's path
+        (a string scalar, ``IndexedSplit``'s files): the augmentation (``transforms.augmentation``) then decodes
+        only its crop window."""
 
     @abstractmethod
     def eval_examples(self, batch_size: int, shard: Shard) -> tf.data.Dataset:

@@ -3,8 +3,10 @@ until normalized): decoding files, torchvision's ``RandomResizedCrop`` bounds, `
 and the training augmentation and evaluation transform built from them.
 
 Augmentation (random resized crop, horizontal flip) uses stateless random ops seeded per example, so a
-batch's pixels do not depend on thread scheduling or on where the run was resumed. Evaluation is
-torchvision's eval transform: resize the shorter side, center crop.
+batch's pixels do not depend on thread scheduling or on where the run was resumed. An image file's crop box
+depends on its size only, read from a JPEG's header, so only the window is decoded (``decode_window``), with
+the pixels of decoding the whole file. Evaluation is torchvision's eval transform: resize the shorter side,
+center crop.
 """
 
 from __future__ import annotations
@@ -19,18 +21,27 @@ from jaxnets.data.lazy_tf import tf
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what decode_rgb reads
 IMAGE_CHANNELS = (1, 3)  # what an image file decodes to: grayscale or RGB
+JPEG_MAGIC = b"\xff\xd8\xff"  # how decode_image tells a JPEG
+JPEG_MARGIN = 8  # pixels decoded around a JPEG's crop window: one block, past any chroma upsampling's reach
 
 
 def augmentation(config: DataConfig, epoch_seed: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """``(uint8 image, position) -> normalized float32 image``: a random resized crop and (``config.hflip``)
-    a horizontal flip, seeded by the epoch and the example's position in it; then, when asked, an automatic
-    augmentation policy and random erasing (``policy_and_erasing``)."""
+    """``(example, position) -> normalized float32 image``: a random resized crop and (``config.hflip``) a
+    horizontal flip, seeded by the epoch and the example's position in it; then, when asked, an automatic
+    augmentation policy and random erasing (``policy_and_erasing``). The example is a decoded image, or an image
+    file's path (a string: ``IndexedSplit``'s files, ``config.in_chans`` channels), of which only the crop window
+    is decoded (``decode_window``): the same box and pixels as decoding the whole file first, for less work."""
     extra = policy_and_erasing(config)
+    scale = (config.min_crop_scale, 1.0)
 
-    def augment(image: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
+    def augment(example: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
         seed = tf.stack([tf.constant(epoch_seed, tf.int64), tf.cast(position, tf.int64)])
         crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        image = random_resized_crop(image, config.image_size, crop_seed, scale=(config.min_crop_scale, 1.0))
+        if example.dtype == tf.string:
+            window = decode_window(example, config.in_chans, lambda shape: crop_box(shape, crop_seed, scale))
+            image = resize_crop(window, config.image_size)
+        else:
+            image = random_resized_crop(example, config.image_size, crop_seed, scale=scale)
         if config.hflip:
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         return extra(image, seed) if extra else normalize(image, config)
@@ -72,12 +83,20 @@ def normalize(image: tf.Tensor, config: DataConfig) -> tf.Tensor:
 
 def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor, scale: tuple[float, float] = (0.08, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
-    """torchvision's ``RandomResizedCrop`` bounds: a crop of area fraction in ``scale`` and aspect ratio
-    (width / height) in ``ratio``, up to rounding to whole pixels, tried 10 times, else torchvision's
-    fallback: a center crop of the image's aspect ratio clamped into ``ratio``. Within those bounds crops
-    are drawn as TensorFlow's ``sample_distorted_bounding_box`` draws them, not with torchvision's
-    distribution (area uniform, ratio log-uniform). Bilinear, antialiased resize."""
-    shape = tf.shape(image)
+    """torchvision's ``RandomResizedCrop`` of a decoded image: ``crop_box``'s box, resized by ``resize_crop``."""
+    box = crop_box(tf.shape(image), seed, scale, ratio)
+    return resize_crop(tf.slice(image, [box[0], box[1], 0], [box[2], box[3], -1]), size)
+
+
+def crop_box(shape: tf.Tensor, seed: tf.Tensor, scale: tuple[float, float] = (0.08, 1.0),
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+    """int32 ``[top, left, height, width]`` of torchvision's ``RandomResizedCrop`` bounds in an image of ``shape``
+    (H, W, C): a crop of area fraction in ``scale`` and aspect ratio (width / height) in ``ratio``, up to rounding
+    to whole pixels, tried 10 times, else torchvision's fallback: a center crop of the image's aspect ratio clamped
+    into ``ratio``. Within those bounds crops are drawn as TensorFlow's ``sample_distorted_bounding_box`` draws
+    them, not with torchvision's distribution (area uniform, ratio log-uniform). A function of the shape and the
+    seed only, so that a file's box is known from its header before it is decoded (``decode_window``)."""
+    shape = tf.cast(shape, tf.int32)
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, area_range=scale, aspect_ratio_range=ratio,
         min_object_covered=0.0,  # else (default 0.1, the whole image being the box) no crop is under 10 %
@@ -92,7 +111,13 @@ def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor, scale: tup
     fallback = tf.reduce_all(tf.equal(crop_size[:2], shape[:2])) & (too_wide | too_tall)
     crop_hw = tf.where(fallback, clamped, crop_size[:2])
     begin_hw = tf.where(fallback, (shape[:2] - clamped) // 2, begin[:2])
-    crop = tf.slice(image, tf.concat([begin_hw, [0]], 0), tf.concat([crop_hw, [-1]], 0))
+    return tf.concat([begin_hw, crop_hw], 0)
+
+
+def resize_crop(crop: tf.Tensor, size: int) -> tf.Tensor:
+    """A crop (uint8 or float32 levels) resized to ``size`` x ``size`` float32: bilinear with antialiasing
+    (``tf.image.resize``), torchvision's choice on tensors and PIL's own filter on images: within one level of
+    torchvision's ``resized_crop`` on a PIL image, which rounds to uint8 (tests/test_input_pipeline.py)."""
     return tf.image.resize(tf.cast(crop, tf.float32), (size, size), "bilinear", antialias=True)
 
 
@@ -121,6 +146,34 @@ def decode_file(path: tf.Tensor, channels: int = 3) -> tf.Tensor:
     is_array = tf.strings.regex_full_match(tf.strings.lower(path), ".*" + re.escape(ARRAY_EXTENSION))
     return tf.cond(is_array, lambda: load_array_op(path, channels),
                    lambda: tf.cast(decode_image(tf.io.read_file(path), channels), tf.float32))
+
+
+def decode_window(path: tf.Tensor, channels: int, box_of: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+    """The window ``box_of(shape)`` (``[top, left, height, width]`` of an image of ``shape`` (H, W, ``channels``))
+    of an image file (not a ``.npy`` array), as uint8: the same pixels as ``decode_file``'s whole image cropped
+    there (tests/test_input_pipeline.py), but a JPEG's shape is read from its header and only the window's rows
+    and blocks, with a margin of ``JPEG_MARGIN``, are decoded (``decode_and_crop_jpeg``); other formats are
+    decoded whole. uint8 until the window is cut: only the window is ever converted to float32."""
+    data = tf.io.read_file(path)
+
+    def jpeg() -> tf.Tensor:
+        shape = tf.concat([tf.image.extract_jpeg_shape(data)[:2], [channels]], 0)
+        box = box_of(shape)
+        # libjpeg upsamples subsampled chroma at a window's right edge as at the image's, which moves that
+        # column by up to ~30 levels: decode a margin around the window (clamped to the image) and cut it off.
+        top_left = tf.maximum(box[:2] - JPEG_MARGIN, 0)
+        bottom_right = tf.minimum(box[:2] + box[2:] + JPEG_MARGIN, shape[:2])
+        padded = tf.image.decode_and_crop_jpeg(data, tf.concat([top_left, bottom_right - top_left], 0),
+                                               channels=channels)
+        return tf.slice(padded, tf.concat([box[:2] - top_left, [0]], 0), tf.concat([box[2:], [-1]], 0))
+
+    def whole() -> tf.Tensor:
+        image = decode_image(data, channels)
+        box = box_of(tf.shape(image))
+        return tf.slice(image, [box[0], box[1], 0], [box[2], box[3], -1])
+    window = tf.cond(tf.strings.substr(data, 0, 3) == JPEG_MAGIC, jpeg, whole)
+    window.set_shape([None, None, channels])
+    return window
 
 
 def load_array_op(path: tf.Tensor, channels: int) -> tf.Tensor:

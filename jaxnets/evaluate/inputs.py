@@ -93,9 +93,10 @@ class EvalData:
             raise DataError(f"--preprocess torchvision reads RGB images; this model takes in_chans="
                             f"{transform.in_chans} channels: use --preprocess tf")
         if preprocess == "tf":
-            if transform.interpolation != "bilinear":
-                raise DataError(f"--preprocess tf resizes bilinearly only; these weights are evaluated with "
-                                f"{transform.interpolation} interpolation: use --preprocess torchvision")
+            if transform.interpolation != "bilinear" or transform.crop_mode != "center":
+                raise DataError(f"--preprocess tf resizes the shorter side bilinearly and crops the center only; "
+                                f"these weights are evaluated with {transform.interpolation} interpolation, crop mode "
+                                f"{transform.crop_mode}: use --preprocess torchvision")
             return dataclasses.replace(self.dataset, val=self.split).eval_batches("val")
         return _pil_batches(self._sources(), transform, self.shard.local(self.global_batch), self.num_batches(),
                             workers, kind)

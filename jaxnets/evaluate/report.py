@@ -43,9 +43,7 @@ def build(about: dict[str, Any], names: Sequence[str], data: EvalData, records: 
     return {
         **about,
         "dataset": data.name, "split": data.split_name, "preprocess": preprocess,
-        "eval_transform": {"resize_size": transform.resize_size, "crop_size": transform.crop_size,
-                           "interpolation": transform.interpolation, "mean": list(transform.mean),
-                           "std": list(transform.std)},
+        "eval_transform": transform.as_dict(),
         "notes": data.notes, "metrics": metrics, "devices": devices, "seconds": round(seconds, 3),
         "images_per_second": None if images_per_second is None else round(images_per_second, 2),
         "per_class": m.per_class(records, names, num_outputs),

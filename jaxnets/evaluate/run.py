@@ -3,7 +3,8 @@
 The weights are a file, a ``train.py`` run directory (its final weights, by default on the split of its dataset it
 held out for validation, never on its training images) or
 torchvision's by name; the eval transform is the weights' own (IMAGENET1K_V2: resize 232, crop 224; a
-fine-tuned file: the sizes it was validated at). ``--preprocess torchvision`` is PIL exactly as torchvision's
+fine-tuned file: the sizes it was validated at; a file converted from timm's: timm's ``pretrained_cfg``, at its
+default or, ``--eval-size test``, its test size). ``--preprocess torchvision`` is PIL exactly as torchvision's
 ``weights.transforms()`` (the default for torchvision's and other PyTorch weights); ``tf`` is ``train.py``'s
 tf.data pipeline (the default for ``train.py``'s weights, which were validated with it).
 """
@@ -33,7 +34,14 @@ from jaxnets.evaluation import TOP_K, Records, summary
 from jaxnets.predict import classification
 from jaxnets.registry import PretrainedWeights, create_model, get_spec, imagenet_categories, imagenet_wnids
 from jaxnets.run_io import CONFIG_FILE
-from jaxnets.weights import WeightsFile, instantiate, load_weights, open_pretrained, torchvision_weights_of
+from jaxnets.weights import (
+    WeightsFile,
+    instantiate,
+    is_hub_name,
+    load_weights,
+    open_pretrained,
+    torchvision_weights_of,
+)
 
 DEFAULT_BATCH = 64  # global; rounded up to a multiple of the device count
 EVAL_DIR = Path("runs")  # where the reports of torchvision's weights go by default (not into the weights cache)
@@ -50,10 +58,12 @@ class EvalConfig:
     data_dir: str | None = None
     split: str | None = None
     preprocess: str | None = None
+    eval_size: str = "default"  # timm's input size and crop_pct, or ("test") its test_input_size and test_crop_pct
     batch_size: int | None = None
     workers: int | None = None
     worker_kind: str = "process"
     devices: int | None = None
+    distributed: str = "auto"  # parallel.DISTRIBUTED: "off" never joins a cluster (a single-process Slurm step)
     dtype: str = "float32"
     output: str | None = None
     progress: bool = True
@@ -69,6 +79,7 @@ class Weights:
     file: WeightsFile
     published: PretrainedWeights | None  # torchvision's weights they are, if they are
     run_config: dict[str, Any] = field(default_factory=dict)  # the train.py run's settings, from a run directory
+    eval_size: str = "default"  # EvalConfig.eval_size
 
     @property
     def name(self) -> str:
@@ -76,7 +87,12 @@ class Weights:
 
     @property
     def transform(self) -> EvalTransform:
-        return predict.eval_transform(self.name, self.file)
+        return classification.eval_transform(self.name, self.file, self.eval_size)
+
+    def transform_note(self) -> str:
+        """What the report says about the transform: where it comes from and what it does."""
+        return (f"eval transform from {classification.transform_source(self.file, self.eval_size)}: "
+                f"{self.transform.describe()}")
 
     @property
     def default_preprocess(self) -> str:
@@ -123,8 +139,8 @@ def open_weights(config: EvalConfig) -> Weights:
                         "--pretrained [NAME] with --model")
     run_config: dict[str, Any] = {}
     if config.pretrained is not None:
-        if config.model is None:
-            raise UserError("--pretrained needs --model NAME")
+        if config.model is None and not is_hub_name(config.pretrained):  # a Hub repo names its model
+            raise UserError("--pretrained needs --model NAME (or hf-hub:ORG/REPO, which names it)")
         weights_file = open_pretrained(config.model, config.pretrained)
     else:
         weights_file = load_weights(predict.weights_path(config.weights))  # a run directory: its final weights
@@ -132,7 +148,7 @@ def open_weights(config: EvalConfig) -> Weights:
             run_config = _run_settings(Path(config.weights))
         if config.model is not None and get_spec(config.model).name != weights_file.name:
             raise UserError(f"--model {config.model}: {weights_file.path} holds {weights_file.name} weights")
-    return Weights(weights_file, torchvision_weights_of(weights_file), run_config)
+    return Weights(weights_file, torchvision_weights_of(weights_file), run_config, config.eval_size)
 
 
 def _run_settings(run_dir: Path) -> dict[str, Any]:
@@ -148,9 +164,10 @@ def _run_settings(run_dir: Path) -> dict[str, Any]:
 def evaluate(config: EvalConfig) -> EvalResult:
     """Evaluate the weights on every image of the split, data-parallel on all devices (of all processes);
     the main process writes ``eval.json`` and the confusion matrix to the output directory."""
-    parallel.initialize()
+    parallel.initialize(distributed=config.distributed)
     weights = open_weights(config)
     _check_cam(config, weights)
+    transform = weights.transform  # before the data: a bad --eval-size or a malformed record costs no pass
     preprocess = config.preprocess or weights.default_preprocess
     if preprocess not in PREPROCESS:
         raise UserError(f"--preprocess {preprocess!r}: choose one of {', '.join(PREPROCESS)}")
@@ -165,7 +182,6 @@ def evaluate(config: EvalConfig) -> EvalResult:
     mesh = parallel.make_mesh(config.devices)
     global_batch = _global_batch(config.batch_size, mesh.devices.size)
     parallel.check_batch_size(global_batch, mesh)
-    transform = weights.transform
     try:
         data = load_eval_data(dataset, config.data_dir or run.get("data_dir"), split, transform, global_batch,
                               weights.output_names(), Shard(jax.process_index(), jax.process_count()),
@@ -174,6 +190,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
         raise DataError(f"{weights.file.path}: a model of in_chans={error.in_chans} (its weights decide), but "
                         f"{error.found}: evaluate it on {error.in_chans}-channel data, or evaluate weights trained "
                         f"with {errors.command('train')} --in-chans {error.fits}") from None
+    data.notes.append(weights.transform_note())
     if own and config.split is None:
         data.notes.insert(0, f"{config.weights}: evaluated on the {len(data)} images the run held out for validation "
                              f"(--split {split}); --split train or all for the others")

@@ -145,9 +145,7 @@ def readme(record: Mapping[str, Any]) -> str:
         lines.append(f"  float32, already normalized: (pixels / 255 - mean) / std per channel, mean "
                      f"{transform['mean']}, std {transform['std']}.")
     if transform:
-        lines.append(f"  Resizing and cropping stay outside the model: resize the shorter side to "
-                     f"{transform['resize_size']} px ({transform['interpolation']}, antialiased, as PIL and "
-                     f"torchvision do), then center-crop {transform['crop_size']} x {transform['crop_size']}.")
+        lines.append(f"  Resizing and cropping stay outside the model: {_resize_and_crop(transform)}.")
     levels = {level["name"]: level for level in record.get("features", [])}
     for output in record["outputs"]:
         level = levels.get(output["name"])
@@ -163,3 +161,12 @@ def readme(record: Mapping[str, Any]) -> str:
     for check in record.get("verification", []):
         lines.append(f"Verified at export: {check}")
     return "\n".join(lines) + "\n"
+
+
+def _resize_and_crop(transform: dict) -> str:
+    """The eval resize and crop in words (``EvalTransform.describe``'s, for a record that may predate crop_mode)."""
+    size, crop, how = transform["resize_size"], transform["crop_size"], transform["interpolation"]
+    resize = {"center": f"resize the shorter side to {size} px", "squash": f"resize to {size} x {size} px",
+              "border": f"resize the longer side to {size} px"}[transform.get("crop_mode", "center")]
+    crop_how = "pad and center-crop" if transform.get("crop_mode") == "border" else "center-crop"
+    return f"{resize} ({how}, antialiased, as PIL and torchvision do), then {crop_how} {crop} x {crop}"

@@ -78,9 +78,7 @@ def export(model: nn.Module, variables: Mapping[str, Any] | None, format: str, p
     fn = serving.model_function(model, transform, with_preprocessing=with_preprocessing, softmax=softmax)
     size = transform.crop_size
     description = {"model": model_name(model), "preprocessing": with_preprocessing, "softmax": softmax,
-                   "eval_transform": {"resize_size": transform.resize_size, "crop_size": size,
-                                      "interpolation": transform.interpolation, "mean": list(transform.mean),
-                                      "std": list(transform.std)}}
+                   "eval_transform": transform.as_dict()}
     names = [serving.output_name(softmax)]
     if levels is not None:
         names = [f"features_{level.index}" for level in levels]

@@ -26,14 +26,16 @@ from jaxnets import evaluation
 from jaxnets.data.arrays import is_array_file, load_array
 from jaxnets.data.pil_eval import center_crop, preprocess, read_image
 from jaxnets.errors import UserError
-from jaxnets.eval_transform import EvalTransform
+from jaxnets.eval_transform import TIMM_CFG_KEY, EvalTransform
 from jaxnets.fileio import atomic_path
-from jaxnets.registry import ModelRef, get_spec, imagenet_categories, is_weights_name
-from jaxnets.weights import WeightsFile, load_weights, open_pretrained, torchvision_weights_of
+from jaxnets.registry import get_spec, imagenet_categories, is_weights_name
+from jaxnets.weights import WeightsFile, is_hub_name, load_weights, open_pretrained, torchvision_weights_of
+from jaxnets.weights.pretrained import eval_transform_of as eval_transform  # predict's name for it, kept
 
 __all__ = ["above_threshold", "batch_logits", "cam_background", "cam_file_names", "category_names", "center_crop",
            "classify", "eval_transform", "chunks", "is_multi_label", "load_input", "make_forward", "open_weights",
-           "preprocess", "read_image", "sigmoid", "softmax", "top_k", "weights_path", "write_png"]
+           "preprocess", "read_image", "sigmoid", "softmax", "top_k", "transform_source", "weights_path",
+           "write_png"]
 
 def make_forward(model: nn.Module) -> Callable[[Any, np.ndarray], jax.Array]:
     """The jitted eval-mode forward pass: float32 logits for a batch (compiled once per batch shape), under the
@@ -115,20 +117,14 @@ def is_multi_label(weights_file: WeightsFile) -> bool:
     return bool(weights_file.metadata.get("multi_label", False))
 
 
-def eval_transform(model: ModelRef, weights_file: WeightsFile) -> EvalTransform:
-    """The model's eval transform at the sizes its weights were validated with: ``train.py`` records them
-    (a model fine-tuned at 64 px is shown 64-px crops, not ImageNet's 224), torchvision's weights use those of
-    their version (IMAGENET1K_V2: resize 232).
-    A malformed entry is a ``UserError`` naming the file: guessing would show the model the wrong images."""
-    spec = get_spec(model)
-    base = (torchvision_weights_of(weights_file) or spec.weights).transforms  # IMAGENET1K_V2: resize 232
-    in_chans = spec.check_options(weights_file.model_options, f"{weights_file.path}: ").get("in_chans", 3)
-    base = base.for_channels(in_chans)  # the statistics of the model's channels, unless recorded
-    recorded = weights_file.metadata.get("eval_transform")
-    if recorded is None:
-        return base
-    return base.from_record(recorded, min_size=max(spec.weights.min_size),
-                                               where=f"{weights_file.path or spec.name}: metadata eval_transform")
+def transform_source(weights_file: WeightsFile, size: str = "default") -> str:
+    """Where ``eval_transform`` found the transform of ``weights_file``, in words, for a report."""
+    if "eval_transform" in weights_file.metadata:
+        return "the weights' recorded eval_transform"
+    if weights_file.metadata.get(TIMM_CFG_KEY):
+        return f"timm's pretrained_cfg in the weights ({size} size)"
+    published = torchvision_weights_of(weights_file)
+    return f"torchvision's {published.torchvision_name}" if published else "torchvision's ImageNet eval transform"
 
 
 def category_names(weights_file: WeightsFile) -> tuple[str, ...]:
@@ -165,6 +161,8 @@ def open_weights(model: str | None, weights: str | None) -> WeightsFile:
             raise UserError(f"--model {model}: {weights} holds {weights_file.name} weights, not {model}; leave "
                             f"out --model (the file names its model)")
         return weights_file
+    if model is None and is_hub_name(weights):  # a Hub repo names its model
+        return open_pretrained(None, weights)
     if model is None:
         raise UserError(f"--model is needed for torchvision's weights ({weights or 'IMAGENET1K_V1'}); a jaxnets "
                         f"weights file (--weights FILE) names its model")

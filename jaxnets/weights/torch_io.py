@@ -1,13 +1,17 @@
 """PyTorch state dicts in and out: the only module of jaxnets that imports torch or torchvision.
 
 torch stays optional: it is imported inside the functions that need it (reading ``.pth`` files, downloading
-torchvision's weights, verifying against torchvision, writing ``.pth``), and a missing torch is a
-``WeightsError`` that names what to do instead. ``.safetensors`` state dicts are read and written without it.
+torchvision's weights and other published checkpoints, verifying against torchvision, writing ``.pth``), and a
+missing torch is a ``WeightsError`` that names what to do instead. ``.safetensors`` state dicts are read and
+written without it. Where a model's state dict sits inside a checkpoint is ``wrappings``' rule.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import pickle
+import sys
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -33,10 +37,15 @@ from jaxnets.weights.fileformat import (
     require_file,
     write_safetensors,
 )
+from jaxnets.weights.wrappings import (  # noqa: F401  (the wrapper names are re-exported by jaxnets.weights)
+    DATA_PARALLEL_PREFIX,
+    STATE_DICT_WRAPPERS,
+    Unwrapped,
+    unwrap,
+)
 
-# Wrappers around a state dict that training scripts commonly save: {'state_dict': {...}}, ...
-STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict")
-DATA_PARALLEL_PREFIX = "module."
+logger = logging.getLogger(__name__)
+
 # Constructor arguments torchvision needs that change nothing jaxnets compares (skip a slow init).
 TORCHVISION_BUILD_KWARGS = {"googlenet": {"init_weights": False}}
 TOLERANCE = 1e-4  # max |jax - torch| <= TOLERANCE * (1 + max |torch|), float32 logits
@@ -45,26 +54,43 @@ TOLERANCE = 1e-4  # max |jax - torch| <= TOLERANCE * (1 + max |torch|), float32 
 # --- reading ------------------------------------------------------------------------------------------
 
 
-def read_state_dict(path: PathLike) -> dict[str, np.ndarray]:
-    """A PyTorch state dict from ``.safetensors`` (no torch needed) or a ``torch.save`` file.
+def read_state_dict(path: PathLike, layout: str | None = None, *,
+                    model: ModelRef | None = None) -> dict[str, np.ndarray]:
+    """A PyTorch state dict from ``.safetensors`` (no torch needed) or a ``torch.save`` file, torchvision-keyed:
+    the state dict of ``read_wrapped``."""
+    return read_wrapped(path, layout, model=model).state
+
+
+def read_wrapped(path: PathLike, layout: str | None = None, *, model: ModelRef | None = None) -> Unwrapped:
+    """A checkpoint's torchvision-keyed state dict (numpy arrays), its layout and the keys dropped
+    (``wrappings.unwrap``: nesting such as ``{'state_dict': ...}``, DataParallel's ``module.``, the heads,
+    momentum encoder, queue or prototypes of a self-supervised method), the dropped ones logged.
 
     Pickles are read with ``torch.load(weights_only=True)``: a file that would construct anything
-    but tensors and containers is refused, never executed. ``{'state_dict': ...}``-style wrappers
-    and DataParallel's ``module.`` prefix are removed.
-    """
+    but tensors and containers is refused, never executed. ``layout`` forces one of ``wrappings.LAYOUTS``;
+    ``model`` lets an unknown wrapping be reported as one (see ``unwrap``)."""
     path = Path(path)
     if path.suffix == SUFFIX:
-        header, state = read_safetensors(path)
+        header, raw = read_safetensors(path)
         if header.get("format") == FORMAT:
             raise WeightsError(f"{path}: already a jaxnets weights file; use it directly (weights={str(path)!r})")
     else:
-        state = _read_torch_file(path)
-    if state and all(key.startswith(DATA_PARALLEL_PREFIX) for key in state):
-        state = {key[len(DATA_PARALLEL_PREFIX):]: value for key, value in state.items()}
-    return state
+        raw = _read_torch_file(path)
+    unwrapped = unwrap(raw, layout, where=str(path), model=model)
+    torch = sys.modules.get("torch")
+    tensor_types = (np.ndarray,) if torch is None else (np.ndarray, torch.Tensor)
+    for key, value in unwrapped.state.items():
+        if not isinstance(value, tensor_types):
+            raise WeightsError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
+                               f"expected a state dict (or {{'state_dict': ...}})")
+    if unwrapped.dropped:
+        logger.warning("%s: %s layout: dropped %d keys the backbone does not use: %s", path, unwrapped.layout,
+                       len(unwrapped.dropped), ", ".join(unwrapped.dropped_summary()))
+    return Unwrapped({key: as_numpy(value) for key, value in unwrapped.state.items()}, unwrapped.layout,
+                     unwrapped.dropped)
 
 
-def _read_torch_file(path: Path) -> dict[str, np.ndarray]:
+def _read_torch_file(path: Path) -> Any:
     require_file(path)
     torch = _import_torch(f"reading {path.name}", f"convert it to .safetensors where torch is installed: {path}")
     try:
@@ -77,19 +103,34 @@ def _read_torch_file(path: Path) -> dict[str, np.ndarray]:
     except Exception as exc:  # torch raises RuntimeError, KeyError, EOFError, ... on damaged files
         raise WeightsError(f"{path}: unreadable PyTorch file, truncated or corrupt "
                            f"({type(exc).__name__}: {errors.one_line(exc)})") from None
-    for wrapper in STATE_DICT_WRAPPERS:
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-            break
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    state = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            raise WeightsError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
-                               f"expected a state dict (or {{'state_dict': ...}})")
-        state[key] = as_numpy(value)
-    return state
+    return obj
+
+
+def download(url: str, path: PathLike, *, sha256: str | None = None, md5_prefix: str | None = None) -> str:
+    """Download ``url`` to ``path`` with torch.hub's ``download_url_to_file`` (``file://`` URLs too), checking the
+    SHA-256 (or MD5 prefix) where one is published: the file's SHA-256. A failed download or a hash mismatch is a
+    ``WeightsError`` and leaves nothing at ``path``."""
+    path = Path(path)
+    torch = _import_torch(f"downloading {url}", "download it where you can and convert it with "
+                                                 f"{errors.command('convert')} --from FILE")
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=sha256, progress=True)
+    except RuntimeError as exc:  # torch.hub's hash mismatch (it deletes its temporary file)
+        raise WeightsError(f"{url}: {errors.one_line(exc)}: a damaged or different file; nothing kept") from None
+    except OSError as exc:  # URLError is an OSError
+        raise WeightsError(f"{url}: cannot download ({errors.one_line(exc)})") from None
+    if md5_prefix is not None:
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if not digest.hexdigest().startswith(md5_prefix):
+            path.unlink()
+            raise WeightsError(f"{url}: MD5 {digest.hexdigest()[:8]}... is not the published {md5_prefix}...: a "
+                               f"damaged or different file; nothing kept")
+    return file_sha256(path)
 
 
 def fetch_torchvision_state_dict(name: ModelRef, version: str | None = None) -> tuple[dict[str, np.ndarray], str, str]:
